@@ -1,0 +1,297 @@
+"""FrozenCLIP: one frozen open_clip model with its tokenizer, preprocessing facts, device and caches.
+
+Encoders are frozen (``requires_grad=False``, eval mode).  Image features come from
+``encode_images`` under inference mode (fp16 autocast on CUDA); class text embeddings from
+``class_embeddings``, cached in memory on the model's device and optionally on disk.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import logging
+import re
+import threading
+import warnings
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
+
+from .cache import EmbeddingCache, cache_key
+from .prompts import resolve_templates
+from .text import TextTower, encode_tokens
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS = (None, "", "none", "random")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Map ``auto|cpu|cuda|cuda:N|mps`` to a ``torch.device`` that exists on this machine."""
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise ValueError(f"Device {device!r} requested but CUDA is not available here; use 'cpu' or 'auto'.")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"Device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible.")
+        return torch.device(name)
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("Device 'mps' requested but MPS is not available here; use 'cpu' or 'auto'.")
+        return torch.device("mps")
+    raise ValueError(f"Unknown device {device!r}; accepted: {DEVICE_CHOICES}.")
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """OpenAI's released ``.pt`` files are TorchScript archives (they hold a ``code/`` folder)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist()[:200])
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def wants_quick_gelu(model: str, pretrained: str | None) -> bool:
+    """Whether the weights were trained with QuickGELU but ``model`` would build plain GELU.
+
+    True for OpenAI tags (and every tag whose open_clip metadata says so) on a non ``-quickgelu``
+    architecture, and for OpenAI TorchScript checkpoint files.  Loading such weights into a GELU
+    model silently costs accuracy.
+    """
+    if pretrained in RANDOM_WEIGHTS or model.endswith("-quickgelu") or ":" in model:
+        return False
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if tag_cfg:
+        return bool(tag_cfg.get("quick_gelu", False))
+    return Path(pretrained).is_file() and _is_torchscript_archive(pretrained)
+
+
+def _validate_source(model: str, pretrained: str | None) -> None:
+    if model.startswith("local-dir:"):
+        folder = Path(model.split(":", 1)[1]).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"'{model}': expected a folder holding open_clip_config.json (and a weights file).")
+        return
+    if model.startswith("hf-hub:"):
+        return
+    if model not in open_clip.list_models():
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=5)
+        raise ValueError(f"Unknown model architecture {model!r}." + (f" Close matches: {', '.join(close)}." if close else "")
+                         + " See open_clip.list_models(), or use 'local-dir:/path' / 'hf-hub:org/repo'.")
+    if pretrained in RANDOM_WEIGHTS or Path(str(pretrained)).expanduser().is_file():
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in tags:
+        raise ValueError(f"Unknown pretrained weights {pretrained!r} for {model}: give one of {', '.join(tags) or 'no tags'}, "
+                         "a path to a local checkpoint file, or None for random weights.")
+
+
+def _weights_fingerprint(model: torch.nn.Module, skip_prefix: str = "visual.") -> str:
+    """Cheap digest of the text-side weights (strided samples of every tensor) for cache keys."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(skip_prefix) or not tensor.is_floating_point():
+            continue
+        flat = tensor.detach().flatten()
+        digest.update(name.encode())
+        digest.update(flat[:: max(1, flat.numel() // 512)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+class FrozenCLIP:
+    """A frozen open_clip model plus tokenizer, preprocessing constants, device and embedding caches.
+
+    Args:
+        model: open_clip architecture (``ViT-B-16``), ``local-dir:/folder`` or ``hf-hub:org/repo``.
+        pretrained: weights tag (``openai``, ``laion2b_s34b_b88k``, ...), a local checkpoint file,
+            or ``None`` for random weights (benchmarks and tests).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        quick_gelu: force QuickGELU on/off; ``None`` infers it from the weights (OpenAI weights need it).
+        cache_dir: folder for the on-disk text-embedding cache (memory only when ``None``).
+        weights_dir: open_clip download cache for pretrained tags.
+        init_seed: seed of the random initialisation when ``pretrained`` is ``None``.
+    """
+
+    def __init__(
+        self,
+        model: str = "ViT-B-16",
+        pretrained: str | None = "openai",
+        device: str | torch.device = "auto",
+        *,
+        quick_gelu: bool | None = None,
+        cache_dir: str | Path | None = None,
+        weights_dir: str | None = None,
+        init_seed: int = 0,
+    ):
+        pretrained = None if pretrained in RANDOM_WEIGHTS else str(pretrained)
+        self.model_name = model
+        self.pretrained = pretrained
+        self.device = resolve_device(device)
+        _validate_source(model, pretrained)
+        force_quick_gelu = wants_quick_gelu(model, pretrained) if quick_gelu is None else quick_gelu
+        self.model = self._create(model, pretrained, force_quick_gelu, weights_dir, init_seed)
+        self.tokenizer = open_clip.get_tokenizer(model)
+        self.preprocess_cfg = open_clip.get_model_preprocess_cfg(self.model)
+        self.text_tower = TextTower.of(self.model)
+        self.text_cache = EmbeddingCache(cache_dir)
+        self.counters: Counter[str] = Counter()
+        self.identity = cache_key(model, pretrained, self.quick_gelu, self.precision,
+                                  _weights_fingerprint(self.model))[:24]
+        self._lock = threading.RLock()
+
+    def _create(self, model: str, pretrained: str | None, quick_gelu: bool, weights_dir: str | None,
+                init_seed: int) -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            try:
+                source = None if ":" in model else pretrained
+                clip = open_clip.create_model(model, pretrained=source, force_quick_gelu=quick_gelu,
+                                              cache_dir=weights_dir)
+            except RuntimeError as error:
+                if "download" in str(error).lower() or "hub" in str(error).lower():
+                    raise RuntimeError(f"Could not fetch weights {pretrained!r} for {model} ({error}). Offline? "
+                                       "Pass a local checkpoint file as `pretrained`, or 'local-dir:/folder'.") from error
+                raise
+        clip.requires_grad_(False)
+        return clip.eval().to(self.device)
+
+    # ---- facts about the model -------------------------------------------------------------
+    @property
+    def quick_gelu(self) -> bool:
+        """Whether the model actually runs QuickGELU activations."""
+        return any(isinstance(module, QuickGELU) for module in self.model.modules())
+
+    @property
+    def precision(self) -> str:
+        return "fp16-autocast" if self.device.type == "cuda" else "fp32"
+
+    @property
+    def image_size(self) -> int:
+        size = self.preprocess_cfg.get("size", 224)
+        return int(size if isinstance(size, int) else size[0])
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(self.preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(self.preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    def describe(self) -> dict[str, Any]:
+        """The protocol facts every reported number carries."""
+        return {"model": self.model_name, "pretrained": self.pretrained, "quick_gelu": self.quick_gelu,
+                "device": str(self.device), "precision": self.precision, "image_size": self.image_size,
+                "text_context_truncation": bool(self.text_tower and self.text_tower.causal)}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """fp16 autocast on CUDA, nothing elsewhere."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    # ---- images -----------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised float32 features [B, D] of preprocessed images [B, 3, S, S]."""
+        chunks = []
+        with torch.inference_mode(), self.autocast():
+            for start in range(0, images.shape[0], batch_size):
+                batch = images[start:start + batch_size].to(self.device, non_blocking=True)
+                chunks.append(self.model.encode_image(batch).float())
+        self.counters["image_batches"] += len(chunks)
+        self.counters["images_encoded"] += images.shape[0]
+        return F.normalize(torch.cat(chunks), dim=-1)
+
+    # ---- text -------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids [N, context] on the model's device; warns about prompts longer than the context."""
+        tokens = self.tokenizer(list(texts))
+        self._warn_truncated(texts, tokens)
+        return tokens.to(self.device)
+
+    def _warn_truncated(self, texts: Sequence[str], tokens: torch.Tensor) -> None:
+        if self.text_tower is None or not hasattr(self.tokenizer, "encode"):
+            return
+        at_limit = (self.text_tower.pool_positions(tokens) == tokens.shape[1] - 1).nonzero().flatten().tolist()
+        long = [texts[i] for i in at_limit if len(self.tokenizer.encode(texts[i])) + 2 > tokens.shape[1]]
+        if long:
+            shown = ", ".join(repr(text) for text in long[:3]) + (f" and {len(long) - 3} more" if len(long) > 3 else "")
+            warnings.warn(f"{len(long)} prompt(s) exceed the {tokens.shape[1]}-token text context and were truncated: "
+                          f"{shown}.", stacklevel=3)
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 1000, truncate: bool = True) -> torch.Tensor:
+        """L2-normalised float32 features [N, D]; on the truncated causal context when exact."""
+        tokens = self.tokenize(texts)
+        return self.encode_tokens(tokens, batch_size=batch_size, truncate=truncate)
+
+    def encode_tokens(self, tokens: torch.Tensor, batch_size: int = 1000, truncate: bool = True) -> torch.Tensor:
+        """Features of token ids; rows are grouped by length so every batch is cut to its own longest prompt."""
+        order = self._length_order(tokens) if truncate else torch.arange(tokens.shape[0], device=tokens.device)
+        features = None
+        with torch.inference_mode(), self.autocast():
+            for start in range(0, tokens.shape[0], batch_size):
+                rows = order[start:start + batch_size]
+                out = encode_tokens(self.model, tokens[rows], truncate=truncate).float()
+                if features is None:
+                    features = out.new_empty(tokens.shape[0], out.shape[1])
+                features[rows] = out
+                self.counters["text_batches"] += 1
+        self.counters["texts_encoded"] += tokens.shape[0]
+        return F.normalize(features, dim=-1)
+
+    def _length_order(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.text_tower is None:
+            return torch.arange(tokens.shape[0], device=tokens.device)
+        return torch.argsort(self.text_tower.pool_positions(tokens), stable=True)
+
+    def class_embeddings(self, classnames: Sequence[str], templates: str | Sequence[str] | None = None) -> torch.Tensor:
+        """Class text embeddings [C, D]: per-template normalised, averaged over templates, renormalised.
+
+        Cached in memory on the model's device (and on disk when ``cache_dir`` was given), keyed
+        by model identity, templates and class names.
+        """
+        classnames, templates = list(classnames), resolve_templates(templates)
+        key = cache_key("class_embeddings", self.identity, templates, classnames)
+        with self._lock:
+            return self.text_cache.get_or_compute(key, lambda: self._build_class_embeddings(classnames, templates),
+                                                  self.device)
+
+    def _build_class_embeddings(self, classnames: list[str], templates: list[str]) -> torch.Tensor:
+        texts = [template.replace("{}", name) for name in classnames for template in templates]
+        features = self.encode_text(texts).view(len(classnames), len(templates), -1)
+        return F.normalize(features.mean(dim=1), dim=-1)
+
+
+_BACKBONES: dict[tuple, FrozenCLIP] = {}
+_BACKBONES_LOCK = threading.Lock()
+
+
+def load_backbone(model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "auto",
+                  **options: Any) -> FrozenCLIP:
+    """A shared ``FrozenCLIP``: built once per (model, pretrained, device, options) and reused."""
+    key = (model, None if pretrained in RANDOM_WEIGHTS else str(pretrained), str(resolve_device(device)),
+           tuple(sorted(options.items())))
+    with _BACKBONES_LOCK:
+        if key not in _BACKBONES:
+            _BACKBONES[key] = FrozenCLIP(model, pretrained, device, **options)
+        return _BACKBONES[key]
