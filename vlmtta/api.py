@@ -1,0 +1,143 @@
+"""Public entry points: ``predict`` for one image, ``Adapter`` for a stream of images."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import torch
+
+from .backbone import FrozenCLIP, load_backbone
+from .images import ImageInput, load_image
+from .methods import Context, Need, create_method
+from .prompts import parse_classes, resolve_templates
+from .views import make_views, view_seed
+
+DEFAULT_METHOD = "zeroshot"
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+
+
+@dataclass
+class Prediction:
+    """The adapted prediction for one image."""
+
+    label: str  # the most probable class
+    index: int  # its position in the class list
+    probabilities: dict[str, float]  # every class, in class-list order
+    top: list[tuple[str, float]]  # the ``top_k`` most probable classes, best first
+    elapsed_s: float  # wall time of the step: image loading, views, encoding, adaptation
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Adapter:
+    """A TTA method bound to a backbone and a class list, fed one image at a time.
+
+    Episodic methods are reset before every image; online methods keep their state across
+    ``step`` calls until ``reset()``.  Views of the i-th image are drawn with seed
+    ``view_seed(seed, i)``, so a stream is reproducible.
+
+    Args:
+        classes: class names (a list, or one string separated by commas/newlines, or ``dataset:<key>``).
+        method: a registered method name (see ``vlmtta.list_methods()``).
+        model, pretrained, device: the backbone (shared across adapters; see ``load_backbone``).
+        templates: template set name, one template with ``{}``, or a list; default: the method's own
+            default, else ``"a photo of a {}."``.
+        seed: seed of the augmented views.
+        backbone: an existing ``FrozenCLIP`` to use instead of ``model``/``pretrained``/``device``.
+        top_k: how many classes ``Prediction.top`` lists.
+        **method_options: the method's hyperparameters (its constructor arguments).
+    """
+
+    def __init__(
+        self,
+        classes: str | Iterable[str],
+        method: str = DEFAULT_METHOD,
+        *,
+        model: str = DEFAULT_MODEL,
+        pretrained: str | None = DEFAULT_PRETRAINED,
+        templates: str | list[str] | None = None,
+        device: str | torch.device = "auto",
+        seed: int = 0,
+        backbone: FrozenCLIP | None = None,
+        top_k: int = 5,
+        **method_options: Any,
+    ):
+        self.classes = parse_classes(classes)
+        self.method = create_method(method, **method_options)
+        self.templates = resolve_templates(templates if templates is not None else self.method.default_templates)
+        self.backbone = backbone if backbone is not None else load_backbone(model, pretrained, device)
+        self.seed, self.top_k, self.steps = int(seed), int(top_k), 0
+        text_features = self.backbone.class_embeddings(self.classes, self.templates)
+        self.method.bind(Context(self.backbone, self.classes, self.templates, text_features))
+        self.view_config = self.method.view_config(self.backbone)
+        self._lock = threading.Lock()
+
+    def step(self, image: ImageInput) -> Prediction:
+        """Adapt on one test image and return its prediction."""
+        start = time.perf_counter()
+        pixels = load_image(image).to(self.backbone.device)
+        with self._lock:
+            views = make_views(pixels, self.view_config, seed=view_seed(self.seed, self.steps))
+            if self.method.episodic:
+                self.method.reset()
+            if Need.VIEW_FEATURES in self.method.needs:
+                probs = self.method.predict_features(self.backbone.encode_images(views))
+            else:
+                probs = self.method.predict_views(views)
+            self.steps += 1
+        return self._prediction(probs.detach().float().cpu(), time.perf_counter() - start)
+
+    def reset(self) -> None:
+        """Forget everything adapted so far and restart the view seeds."""
+        with self._lock:
+            self.method.reset()
+            self.steps = 0
+
+    def protocol(self) -> dict[str, Any]:
+        """Backbone, templates, views and hyperparameters: what a reported number depends on."""
+        return {**self.backbone.describe(), "method": self.method.name, "protocol": self.method.protocol,
+                "templates": self.templates, "n_views": self.view_config.n_views,
+                "augmentation": self.view_config.policy, "seed": self.seed,
+                "hyperparameters": self.method.hyperparameters()}
+
+    def _prediction(self, probs: torch.Tensor, elapsed: float) -> Prediction:
+        values, indices = probs.topk(min(self.top_k, len(self.classes)))
+        best = int(indices[0])
+        return Prediction(
+            label=self.classes[best], index=best,
+            probabilities={name: float(p) for name, p in zip(self.classes, probs.tolist())},
+            top=[(self.classes[int(i)], float(v)) for v, i in zip(values, indices)],
+            elapsed_s=elapsed, method=self.method.name,
+        )
+
+
+def predict(
+    image: ImageInput,
+    classes: str | Iterable[str],
+    method: str = DEFAULT_METHOD,
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    templates: str | list[str] | None = None,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    top_k: int = 5,
+    **method_options: Any,
+) -> Prediction:
+    """Classify one image among ``classes`` with test-time adaptation ``method``.
+
+    The backbone is built on first use and reused by later calls with the same model,
+    pretrained weights and device; class text embeddings are cached.
+
+    Example:
+        >>> import vlmtta
+        >>> vlmtta.predict("dog.jpg", ["cat", "dog", "car"]).label   # doctest: +SKIP
+        'dog'
+    """
+    adapter = Adapter(classes, method, model=model, pretrained=pretrained, templates=templates,
+                      device=device, seed=seed, top_k=top_k, **method_options)
+    return adapter.step(image)

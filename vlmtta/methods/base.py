@@ -1,0 +1,163 @@
+"""The method protocol and the registry of test-time adaptation methods.
+
+A method is a class whose constructor arguments are its hyperparameters (defaults = the paper's),
+registered under a short name with ``@register``.  The runner binds it to a backbone and a class
+set (``bind``), feeds it one test image at a time and calls ``reset`` when its protocol says so:
+
+* episodic methods forget everything after each image (TPT, Zero, STS, ...);
+* online methods keep caches or statistics across the stream until ``reset`` (TDA, DMN, ...).
+
+``needs`` declares what a method consumes, so runners compute and cache as little as possible:
+``VIEW_FEATURES`` methods see only the image features of the views and can run on cached
+embeddings; the others get the preprocessed views themselves.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..views import VIEW_POLICIES, ViewConfig
+
+if TYPE_CHECKING:
+    from ..backbone import FrozenCLIP
+
+
+class Need(str, Enum):
+    """What a method consumes besides the cached class text embeddings."""
+
+    VIEW_FEATURES = "view_features"  # image features of the views only (can run on cached embeddings)
+    TEXT_GRAD = "text_grad"  # the text encoder, differentiable w.r.t. prompt context
+    IMAGE_INTERNALS = "image_internals"  # the vision transformer's blocks and tokens
+    TRAINABLE_NORMS = "trainable_norms"  # the image encoder's normalisation parameters (restored on reset)
+
+
+@dataclass
+class Context:
+    """What a method is bound to: the backbone, the class set and its text embeddings."""
+
+    backbone: "FrozenCLIP"
+    classnames: list[str]
+    templates: list[str]
+    text_features: torch.Tensor  # [C, D], L2-normalised, on the backbone's device
+
+    @property
+    def logit_scale(self) -> float:
+        return self.backbone.logit_scale
+
+
+class Method:
+    """Base class of every TTA method.  Subclasses set the class attributes and override hooks."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line, shown by `vlmtta methods` and the demo
+    paper: ClassVar[str] = ""
+    episodic: ClassVar[bool] = True
+    needs: ClassVar[frozenset[Need]] = frozenset({Need.VIEW_FEATURES})
+    default_templates: ClassVar[str | None] = None  # template set used when the caller gives none
+
+    def __init__(self, n_views: int = 1, augmentation: str = "rrc_flip"):
+        if int(n_views) < 1:
+            raise ValueError(f"{self.name}: n_views must be at least 1, got {n_views}.")
+        if augmentation not in VIEW_POLICIES:
+            raise ValueError(f"{self.name}: unknown augmentation {augmentation!r}; accepted: {', '.join(VIEW_POLICIES)}.")
+        self.n_views = int(n_views)
+        self.augmentation = augmentation
+        self.context: Context | None = None
+
+    # ---- description ------------------------------------------------------------------------
+    @property
+    def protocol(self) -> str:
+        return "episodic" if self.episodic else "online"
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Hyperparameter names and default values, read from the constructor signature."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p.default for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Current hyperparameter values."""
+        return {name: getattr(self, name) for name in self.defaults()}
+
+    @classmethod
+    def info(cls) -> dict[str, Any]:
+        return {"name": cls.name, "summary": cls.summary, "paper": cls.paper,
+                "protocol": "episodic" if cls.episodic else "online",
+                "needs": sorted(need.value for need in cls.needs), "defaults": cls.defaults()}
+
+    def view_config(self, backbone: "FrozenCLIP") -> ViewConfig:
+        """How many views of each test image this method wants, and how they are augmented."""
+        policy = "none" if self.n_views == 1 else self.augmentation
+        return ViewConfig(n_views=self.n_views, policy=policy, image_size=backbone.image_size,
+                          mean=backbone.mean, std=backbone.std)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def bind(self, context: Context) -> None:
+        """Attach to a backbone and class set; resets all adaptation state."""
+        self.context = context
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all adaptation state (per image for episodic methods, per stream for online ones)."""
+
+    # ---- prediction -----------------------------------------------------------------------------
+    def predict_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [C] from the L2-normalised features [N, D] of one image's views (view 0 = original)."""
+        raise NotImplementedError(f"{self.name} does not run on view features alone")
+
+    def predict_views(self, views: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [C] from one image's preprocessed views [N, 3, S, S]."""
+        return self.predict_features(self.context.backbone.encode_images(views))
+
+    def logits(self, features: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """CLIP logits ``scale * features @ text.T`` [N, C]."""
+        text = self.context.text_features if text_features is None else text_features
+        return self.context.logit_scale * features @ text.t()
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if not cls.name or cls.name != cls.name.lower():
+        raise ValueError(f"{cls.__name__} needs a lower-case `name` to be registered.")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"A method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__}).")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    """The registered class for ``name``; a clear error listing the registered names otherwise."""
+    key = str(name).strip().lower()
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, method_names(), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"Unknown method {name!r}.{hint} Registered methods: {', '.join(method_names())}.")
+    return _REGISTRY[key]
+
+
+def create_method(name: str, **options: Any) -> Method:
+    """Instantiate a registered method, rejecting options it does not have."""
+    cls = get_method_class(name)
+    accepted = cls.defaults()
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"Unknown option(s) {', '.join(unknown)} for method {cls.name!r}; "
+                         f"accepted: {', '.join(f'{k}={v!r}' for k, v in accepted.items())}.")
+    return cls(**options)
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """Name, summary, paper, protocol, needs and default hyperparameters of every registered method."""
+    return [_REGISTRY[name].info() for name in method_names()]
