@@ -1,0 +1,146 @@
+"""Speed benchmark: per-sample latency and peak memory of each method, next to encoding the views alone.
+
+Every figure is a median over ``repeats`` timed steps after ``warmup`` untimed ones, on a random
+500x375 test image; class text embeddings are built (and cached) before timing, as in a real
+stream.  Memory is the peak CUDA allocation on GPU, and the peak growth of the process's
+resident memory on CPU (sampled every millisecond, so an approximation).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .api import Adapter
+from .backbone import FrozenCLIP, load_backbone
+from .methods import create_method, method_names
+from .prompts import dataset_classnames
+from .views import make_views, view_seed
+
+
+def benchmark_classnames(n_classes: int) -> list[str]:
+    """ImageNet class names (synthetic names past 1000)."""
+    names = dataset_classnames("imagenet")
+    return names[:n_classes] + [f"synthetic class {i}" for i in range(len(names), n_classes)]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """Yield a dict that holds ``peak_mb`` (growth over the starting level) once the block ends."""
+    result: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
+        return
+    start, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+        result["peak_mb"] = max(0, max(peak[0], _rss_bytes()) - start) / 2**20
+
+
+def _time(fn: Callable[[int], Any], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
+    """Median seconds of ``fn(i)`` and the peak memory over the timed calls."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    with peak_memory(device) as memory:
+        for i in range(warmup, warmup + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn(i)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), memory["peak_mb"]
+
+
+def run_speed_benchmark(
+    model: str = "ViT-B-16",
+    pretrained: str | None = None,
+    methods: Sequence[str] | None = None,
+    n_views: int = 64,
+    n_classes: int = 1000,
+    device: str = "auto",
+    repeats: int = 5,
+    warmup: int = 1,
+    backbone: FrozenCLIP | None = None,
+    method_options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Time every method (default: all registered) on one backbone; returns the protocol and one row per entry."""
+    backbone = backbone or load_backbone(model, pretrained, device)
+    classes = benchmark_classnames(n_classes)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=generator).to(backbone.device)
+    rows = [_encode_row(backbone, image, n_views, repeats, warmup)]
+    for name in methods or method_names():
+        options = _view_options(name, n_views) | (method_options or {}).get(name, {})
+        adapter = Adapter(classes, name, backbone=backbone, **options)
+        seconds, peak = _time(lambda i: adapter.step(image), backbone.device, repeats, warmup)
+        rows.append({"entry": name, "n_views": adapter.view_config.n_views, "latency_ms": 1000 * seconds,
+                     "peak_mem_mb": peak})
+    base = rows[0]["latency_ms"]
+    for row in rows:
+        row["ratio_to_encode"] = row["latency_ms"] / base
+    return {"protocol": {**backbone.describe(), "n_classes": n_classes, "n_views": n_views, "repeats": repeats,
+                         "warmup": warmup, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                         "image": "random 500x375 RGB"},
+            "rows": rows}
+
+
+def _view_options(name: str, n_views: int) -> dict[str, Any]:
+    """Pass ``n_views`` to methods that take it."""
+    return {"n_views": n_views} if "n_views" in create_method(name).defaults() else {}
+
+
+def _encode_row(backbone: FrozenCLIP, image: torch.Tensor, n_views: int, repeats: int, warmup: int) -> dict[str, Any]:
+    """The floor: making ``n_views`` rrc+flip views and encoding them once."""
+    config = create_method("zeroshot", n_views=n_views).view_config(backbone)
+    seconds, peak = _time(lambda i: backbone.encode_images(make_views(image, config, view_seed(0, i))),
+                          backbone.device, repeats, warmup)
+    return {"entry": f"encode {n_views} views", "n_views": n_views, "latency_ms": 1000 * seconds, "peak_mem_mb": peak}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown table of a ``run_speed_benchmark`` result, with its protocol line."""
+    p = result["protocol"]
+    lines = [f"{p['model']} ({p['pretrained'] or 'random weights'}), {p['device']} {p['precision']}, "
+             f"{p['n_classes']} classes, {p['n_views']} views, median of {p['repeats']}, torch {p['torch']}, "
+             f"{p['threads']} threads",
+             "", "| entry | views | latency (ms) | peak mem (MB) | x encode |", "|---|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['entry']} | {row['n_views']} | {row['latency_ms']:.1f} | {row['peak_mem_mb']:.0f} "
+                     f"| {row['ratio_to_encode']:.2f} |")
+    return "\n".join(lines)
+
+
+def save_result(result: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
