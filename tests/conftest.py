@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random open_clip models (seconds on CPU, no network)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_model_dir(folder: Path, config: dict = TINY_CONFIG, state_dict: dict | None = None) -> str:
+    """An open_clip ``local-dir:`` folder holding ``config`` (and weights when given)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    preprocess = {"size": config["vision_cfg"]["image_size"], "mean": [0.48145466, 0.4578275, 0.40821073],
+                  "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}))
+    if state_dict is not None:
+        torch.save(state_dict, folder / "open_clip_pytorch_model.bin")
+    return f"local-dir:{folder}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """``local-dir:`` spec of a tiny ViT CLIP with fixed random weights saved to disk."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CONFIG)
+    return write_model_dir(tmp_path_factory.mktemp("tiny-clip"), state_dict=model.state_dict())
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_model_dir):
+    from vlmtta import load_backbone
+
+    return load_backbone(tiny_model_dir, None, "cpu")
+
+
+@pytest.fixture
+def rgb_image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8), "RGB")
