@@ -107,3 +107,22 @@ def test_long_class_name_is_truncated_with_warning(run, rgb_image):
     with pytest.warns(UserWarning, match="truncated"):
         result = run(rgb_image, ["cat", "a " + "very " * 100 + "long class name"])
     assert len(result.probabilities) == 2
+
+
+def test_adapter_on_precomputed_features(tiny_backbone, rgb_image):
+    """from_features + step_features gives what the full adapter gives on the same features."""
+    full = vlmtta.Adapter(CLASSES, backbone=tiny_backbone)
+    text = tiny_backbone.class_embeddings(CLASSES)
+    features_only = vlmtta.Adapter.from_features(CLASSES, text * 3, logit_scale=tiny_backbone.logit_scale)
+    from vlmtta.images import load_image
+    from vlmtta.views import make_views
+
+    views = make_views(load_image(rgb_image), full.view_config, seed=0)
+    features = tiny_backbone.encode_images(views)
+    assert features_only.step_features(features).probabilities == pytest.approx(full.step(rgb_image).probabilities,
+                                                                                 abs=1e-6)
+    assert features_only.protocol()["features"] == "precomputed" and features_only.steps == 1
+    with pytest.raises(ValueError, match="step_features"):
+        features_only.step(rgb_image)
+    with pytest.raises(ValueError, match="must be \\[C, D\\] with C = 4"):
+        vlmtta.Adapter.from_features(CLASSES, text[:3])

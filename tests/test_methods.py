@@ -78,7 +78,7 @@ def test_custom_method_registers_and_runs(tiny_backbone, rgb_image):
 def test_zeroshot_is_softmax_of_scaled_cosines(tiny_backbone):
     text = torch.nn.functional.normalize(torch.randn(3, tiny_backbone.embed_dim), dim=-1)
     method = create_method("zeroshot")
-    method.bind(Context(tiny_backbone, ["a", "b", "c"], ["{}"], text))
+    method.bind(Context(["a", "b", "c"], ["{}"], text, tiny_backbone.logit_scale, tiny_backbone))
     features = torch.nn.functional.normalize(torch.randn(4, tiny_backbone.embed_dim), dim=-1)
     expected = (tiny_backbone.logit_scale * features @ text.t()).softmax(-1).mean(0)
     assert torch.allclose(method.predict_features(features), expected)

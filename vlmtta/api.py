@@ -71,26 +71,71 @@ class Adapter:
         self.method = create_method(method, **method_options)
         self.templates = resolve_templates(templates if templates is not None else self.method.default_templates)
         self.backbone = backbone if backbone is not None else load_backbone(model, pretrained, device)
-        self.seed, self.top_k, self.steps = int(seed), int(top_k), 0
         text_features = self.backbone.class_embeddings(self.classes, self.templates)
-        self.method.bind(Context(self.backbone, self.classes, self.templates, text_features))
+        self._bind(Context(self.classes, self.templates, text_features, self.backbone.logit_scale, self.backbone),
+                   seed, top_k)
         self.view_config = self.method.view_config(self.backbone)
+
+    @classmethod
+    def from_features(cls, classes: str | Iterable[str], text_features: torch.Tensor, method: str = DEFAULT_METHOD, *,
+                      logit_scale: float = 100.0, top_k: int = 5, **method_options: Any) -> "Adapter":
+        """An adapter on precomputed embeddings (no model): feed it with ``step_features``.
+
+        ``text_features`` [C, D] are L2-normalised here; ``logit_scale`` is CLIP's temperature
+        (100 for OpenAI weights).  Only methods that need nothing but view features can run.
+        """
+        self = cls.__new__(cls)
+        self.classes = parse_classes(classes)
+        if text_features.ndim != 2 or text_features.shape[0] != len(self.classes):
+            raise ValueError(f"text_features must be [C, D] with C = {len(self.classes)} classes, "
+                             f"got {tuple(text_features.shape)}.")
+        self.method = create_method(method, **method_options)
+        if Need.VIEW_FEATURES not in self.method.needs:
+            raise ValueError(f"Method {self.method.name!r} needs the model itself; it cannot run on precomputed features.")
+        self.templates, self.backbone, self.view_config = [], None, None
+        text = torch.nn.functional.normalize(text_features.float(), dim=-1)
+        self._bind(Context(self.classes, self.templates, text, float(logit_scale)), 0, top_k)
+        return self
+
+    def _bind(self, context: Context, seed: int, top_k: int) -> None:
+        self.seed, self.top_k, self.steps = int(seed), int(top_k), 0
+        self.method.bind(context)
         self._lock = threading.Lock()
 
     def step(self, image: ImageInput) -> Prediction:
         """Adapt on one test image and return its prediction."""
+        if self.backbone is None:
+            raise ValueError("This adapter runs on precomputed features: call step_features(features).")
         start = time.perf_counter()
         pixels = load_image(image).to(self.backbone.device)
         with self._lock:
             views = make_views(pixels, self.view_config, seed=view_seed(self.seed, self.steps))
-            if self.method.episodic:
-                self.method.reset()
             if Need.VIEW_FEATURES in self.method.needs:
-                probs = self.method.predict_features(self.backbone.encode_images(views))
+                probs = self._adapt(lambda: self.method.predict_features(self.backbone.encode_images(views)))
             else:
-                probs = self.method.predict_views(views)
-            self.steps += 1
-        return self._prediction(probs.detach().float().cpu(), time.perf_counter() - start)
+                probs = self._adapt(lambda: self.method.predict_views(views))
+        return self._prediction(probs, time.perf_counter() - start)
+
+    def step_features(self, features: torch.Tensor) -> Prediction:
+        """Adapt on one image given the L2-normalised features [N, D] of its views (view 0 = original)."""
+        start = time.perf_counter()
+        return self._prediction(self.adapt_features(features), time.perf_counter() - start)
+
+    def adapt_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Like ``step_features`` but returns the class probabilities [C] only (the fast path for runners)."""
+        if Need.VIEW_FEATURES not in self.method.needs:
+            raise ValueError(f"Method {self.method.name!r} needs the images themselves, not view features.")
+        features = features.reshape(-1, features.shape[-1])
+        with self._lock:
+            return self._adapt(lambda: self.method.predict_features(features))
+
+    def _adapt(self, run) -> torch.Tensor:
+        """Reset episodic methods, run one image, count it."""
+        if self.method.episodic:
+            self.method.reset()
+        probs = run()
+        self.steps += 1
+        return probs.detach().float().cpu()
 
     def reset(self) -> None:
         """Forget everything adapted so far and restart the view seeds."""
@@ -100,10 +145,11 @@ class Adapter:
 
     def protocol(self) -> dict[str, Any]:
         """Backbone, templates, views and hyperparameters: what a reported number depends on."""
-        return {**self.backbone.describe(), "method": self.method.name, "protocol": self.method.protocol,
-                "templates": self.templates, "n_views": self.view_config.n_views,
-                "augmentation": self.view_config.policy, "seed": self.seed,
-                "hyperparameters": self.method.hyperparameters()}
+        views = {} if self.view_config is None else {"n_views": self.view_config.n_views,
+                                                     "augmentation": self.view_config.policy}
+        backbone = {"model": None, "features": "precomputed"} if self.backbone is None else self.backbone.describe()
+        return {**backbone, "method": self.method.name, "protocol": self.method.protocol, "templates": self.templates,
+                **views, "seed": self.seed, "hyperparameters": self.method.hyperparameters()}
 
     def _prediction(self, probs: torch.Tensor, elapsed: float) -> Prediction:
         values, indices = probs.topk(min(self.top_k, len(self.classes)))

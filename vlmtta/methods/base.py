@@ -38,16 +38,20 @@ class Need(str, Enum):
 
 @dataclass
 class Context:
-    """What a method is bound to: the backbone, the class set and its text embeddings."""
+    """What a method is bound to: the class set, its text embeddings and (unless running on
+    precomputed features) the backbone."""
 
-    backbone: "FrozenCLIP"
     classnames: list[str]
     templates: list[str]
-    text_features: torch.Tensor  # [C, D], L2-normalised, on the backbone's device
+    text_features: torch.Tensor  # [C, D], L2-normalised, on the features' device
+    logit_scale: float  # CLIP's temperature, exp(logit_scale) of the model (100 for OpenAI weights)
+    backbone: "FrozenCLIP | None" = None  # None when running on precomputed features
 
-    @property
-    def logit_scale(self) -> float:
-        return self.backbone.logit_scale
+    def require_backbone(self, method: str) -> "FrozenCLIP":
+        """The backbone, or a clear error for methods that cannot run on precomputed features."""
+        if self.backbone is None:
+            raise ValueError(f"Method {method!r} needs the model itself, not only precomputed features.")
+        return self.backbone
 
 
 class Method:
@@ -112,7 +116,7 @@ class Method:
 
     def predict_views(self, views: torch.Tensor) -> torch.Tensor:
         """Class probabilities [C] from one image's preprocessed views [N, 3, S, S]."""
-        return self.predict_features(self.context.backbone.encode_images(views))
+        return self.predict_features(self.context.require_backbone(self.name).encode_images(views))
 
     def logits(self, features: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
         """CLIP logits ``scale * features @ text.T`` [N, C]."""
