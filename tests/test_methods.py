@@ -90,3 +90,13 @@ def test_view_config_follows_hyperparameters(tiny_backbone):
     assert (single.n_views, single.policy, single.image_size) == (1, "none", 32)
     many = create_method("zeroshot", n_views=8, augmentation="augmix").view_config(tiny_backbone)
     assert (many.n_views, many.policy) == (8, "augmix")
+
+
+def test_dataset_defaults_are_overridable():
+    class PerDataset(Method):
+        name = "test-per-dataset"
+        dataset_defaults = {"eurosat": {"n_views": 64, "augmentation": "augmix"}}
+
+    assert PerDataset.options_for("eurosat") == {"n_views": 64, "augmentation": "augmix"}
+    assert PerDataset.options_for("eurosat", n_views=8) == {"n_views": 8, "augmentation": "augmix"}
+    assert PerDataset.options_for("dtd") == {} and PerDataset.options_for(None, n_views=2) == {"n_views": 2}

@@ -123,8 +123,7 @@ def _generator(seed: int) -> torch.Generator:
 
 def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Normalise float [N,3,S,S] images in [0,1] per channel."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    m, s = torch.tensor([mean, std], dtype=torch.float32).to(x.device).view(2, 1, 3, 1, 1)
     return (x - m) / s
 
 
@@ -206,9 +205,10 @@ def _crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
 def _rrc_flip(image: torch.Tensor, n: int, config: ViewConfig, gen: torch.Generator) -> torch.Tensor:
     """n random-resized crops of the full image, each flipped with probability 1/2, uint8."""
     boxes = _sample_boxes(n, image.shape[1], image.shape[2], config.scale, config.ratio, gen)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(image.device)
-    x = _crop_resize(image, boxes, config.image_size)
-    return torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+    flip = torch.rand(n, generator=gen) < 0.5
+    params = torch.cat([boxes, flip[:, None].long()], dim=1).to(image.device)  # one transfer
+    x = _crop_resize(image, params[:, :4], config.image_size)
+    return torch.where(params[:, 4].bool().view(n, 1, 1, 1), x.flip(-1), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +249,8 @@ def _augmix(x: torch.Tensor, p: _AugMixParams) -> torch.Tensor:
     for step in range(_MAX_DEPTH):
         chains = _chain_step(chains, ops[:, step], levels[:, step], signs[:, step], depth > step)
     chains = chains.view(n, _N_CHAINS, *x.shape[1:])
-    return _mix(x, chains, p.weights.to(x.device), p.mix.to(x.device))
+    wm = torch.cat([p.weights, p.mix[:, None]], dim=1).to(x.device)  # one transfer
+    return _mix(x, chains, wm[:, :_N_CHAINS], wm[:, _N_CHAINS])
 
 
 def _mix(x: torch.Tensor, chains: torch.Tensor, weights: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -267,28 +268,36 @@ def _chain_step(
 ) -> torch.Tensor:
     """Apply one chain step to uint8 images [B,3,S,S]: row b gets AUGMIX_OPS[ops[b]] if active[b].
 
-    ops/levels/signs/active are CPU tensors of length B; each op runs once on the rows that drew
-    it, and all geometric ops run together in one batched grid_sample.
+    ops/levels/signs/active are CPU tensors of length B. Each op runs once, batched, on the rows
+    that drew it (all geometric ops share one grid_sample). Row indices and op parameters are
+    worked out on the CPU and sent to the device in two transfers, to keep syncs few.
     """
+    groups = []
+    for fn, mask, param in _step_groups(ops, levels, signs, active, x.shape[-1]):
+        if mask.any():
+            groups.append((fn, mask.nonzero().squeeze(1), param[mask].float()))
+    if not groups:
+        return x
+    rows = torch.cat([g[1] for g in groups]).to(x.device).split([len(g[1]) for g in groups])
+    flat = torch.cat([g[2].reshape(-1) for g in groups]).to(x.device)
+    params = flat.split([g[2].numel() for g in groups])
     out = x.clone()
-    is_geo = torch.zeros_like(active)
-    for name in _GEOMETRIC_OPS:
-        is_geo |= ops == _OP[name]
-    rows = _rows(active & is_geo, x.device)
-    if rows is not None:
-        theta = _affine_theta(ops, levels, signs, x.shape[-1])[active & is_geo]
-        out[rows] = _affine(x[rows], theta.to(x.device))
-    for name, fn in _POINT_OPS.items():
-        rows = _rows(active & (ops == _OP[name]), x.device)
-        if rows is not None:
-            out[rows] = fn(x[rows], levels[active & (ops == _OP[name])].to(x.device))
+    for (fn, _, cpu_param), r, q in zip(groups, rows, params):
+        out[r] = fn(x[r], q.view(cpu_param.shape))
     return out
 
 
-def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """Indices of True entries of a CPU mask, on device; None if there are none."""
-    idx = mask.nonzero().squeeze(1)
-    return idx.to(device) if idx.numel() else None
+def _step_groups(
+    ops: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor, active: torch.Tensor, size: int
+) -> list[tuple]:
+    """(batched op, CPU row mask, CPU per-row parameter) for each op kind of one chain step."""
+    is_geo = torch.zeros_like(active)
+    for name in _GEOMETRIC_OPS:
+        is_geo |= ops == _OP[name]
+    groups = [(_affine, active & is_geo, _affine_theta(ops, levels, signs, size))]
+    for name, (fn, param) in _POINT_OPS.items():
+        groups.append((fn, active & (ops == _OP[name]), param(levels)))
+    return groups
 
 
 def _affine_theta(ops: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor, size: int) -> torch.Tensor:
@@ -341,12 +350,12 @@ def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return out.mul_(inside).add_(1e-3).floor_().clamp_(0, 255).to(torch.uint8)
 
 
-def _autocontrast(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+def _autocontrast(x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
     """Per-image, per-channel min/max stretch (PIL ImageOps.autocontrast, cutoff 0)."""
     return TF.autocontrast(x)
 
 
-def _equalize(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+def _equalize(x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
     """Per-image, per-channel histogram equalisation with PIL's LUT rule, batched.
 
     torchvision's v2 kernel is already vectorised over leading dims (one scatter_add histogram
@@ -355,22 +364,32 @@ def _equalize(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return TF.equalize(x)
 
 
-def _posterize(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Keep the top 4 - int(0.4 * level) bits of each pixel, per image."""
+def _posterize(x: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
+    """AND each image with its bit mask (per-row values in 0..255)."""
+    return x & keep_mask.to(torch.uint8).view(-1, 1, 1, 1)
+
+
+def _solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Invert the pixels >= each image's threshold."""
+    return torch.where(x >= threshold.view(-1, 1, 1, 1), 255 - x, x)
+
+
+def _posterize_mask(levels: torch.Tensor) -> torch.Tensor:
+    """AugMix posterize keeps the top 4 - int(0.4 * level) bits."""
     bits = 4 - (levels * 4 / 10).floor().long()
-    mask = ((0xFF << (8 - bits)) & 0xFF).to(torch.uint8).view(-1, 1, 1, 1)
-    return x & mask
+    return (0xFF << (8 - bits)) & 0xFF
 
 
-def _solarize(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Invert pixels >= 256 - int(25.6 * level), per image."""
-    threshold = (256 - (levels * 256 / 10).floor()).view(-1, 1, 1, 1)
-    return torch.where(x >= threshold, 255 - x, x)
+def _solarize_threshold(levels: torch.Tensor) -> torch.Tensor:
+    """AugMix solarize inverts pixels >= 256 - int(25.6 * level)."""
+    return 256 - (levels * 256 / 10).floor()
 
 
-_POINT_OPS = {
-    "autocontrast": _autocontrast, "equalize": _equalize,
-    "posterize": _posterize, "solarize": _solarize,
+_POINT_OPS = {  # op name -> (batched op, per-row parameter from level)
+    "autocontrast": (_autocontrast, torch.zeros_like),
+    "equalize": (_equalize, torch.zeros_like),
+    "posterize": (_posterize, _posterize_mask),
+    "solarize": (_solarize, _solarize_threshold),
 }
 
 
@@ -383,13 +402,13 @@ def make_views(image: torch.Tensor, config: ViewConfig, seed: int) -> torch.Tens
     if not isinstance(config, ViewConfig):
         raise ValueError(f"config must be a ViewConfig, got {type(config).__name__}")
     gen = _generator(seed)
-    orig = original_view(image, config.image_size, config.mean, config.std)
+    orig = _resize_center_crop(image, config.image_size)[None].float().div_(255.0)
     n_aug = config.n_views - 1
     if n_aug == 0:
-        return orig
+        return _normalize(orig, config.mean, config.std)
     crops = _rrc_flip(image, n_aug, config, gen)
     if config.policy == "augmix":
         views = _augmix(crops, _sample_augmix(n_aug, config.severity, gen))
     else:
         views = crops.float().div_(255.0)
-    return torch.cat([orig, _normalize(views, config.mean, config.std)])
+    return _normalize(torch.cat([orig, views]), config.mean, config.std)

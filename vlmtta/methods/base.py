@@ -63,6 +63,9 @@ class Method:
     episodic: ClassVar[bool] = True
     needs: ClassVar[frozenset[Need]] = frozenset({Need.VIEW_FEATURES})
     default_templates: ClassVar[str | None] = None  # template set used when the caller gives none
+    # Per-dataset hyperparameters from the paper (e.g. TDA's alpha/beta), keyed by dataset key
+    # (``eurosat``, ``imagenet_a``, ...); runners apply them under any option the user gives.
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, n_views: int = 1, augmentation: str = "rrc_flip"):
         if int(n_views) < 1:
@@ -83,6 +86,11 @@ class Method:
         """Hyperparameter names and default values, read from the constructor signature."""
         params = inspect.signature(cls.__init__).parameters.values()
         return {p.name: p.default for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+    @classmethod
+    def options_for(cls, dataset: str | None, **overrides: Any) -> dict[str, Any]:
+        """The paper's per-dataset settings for ``dataset`` (if any), overridden by ``overrides``."""
+        return {**cls.dataset_defaults.get(dataset or "", {}), **overrides}
 
     def hyperparameters(self) -> dict[str, Any]:
         """Current hyperparameter values."""
