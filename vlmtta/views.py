@@ -121,9 +121,16 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed % (1 << 64))
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to device; on CUDA via pinned memory, so the host does not sync."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Normalise float [N,3,S,S] images in [0,1] per channel."""
-    m, s = torch.tensor([mean, std], dtype=torch.float32).to(x.device).view(2, 1, 3, 1, 1)
+    m, s = _to_device(torch.tensor([mean, std], dtype=torch.float32), x.device).view(2, 1, 3, 1, 1)
     return (x - m) / s
 
 
@@ -206,7 +213,7 @@ def _rrc_flip(image: torch.Tensor, n: int, config: ViewConfig, gen: torch.Genera
     """n random-resized crops of the full image, each flipped with probability 1/2, uint8."""
     boxes = _sample_boxes(n, image.shape[1], image.shape[2], config.scale, config.ratio, gen)
     flip = torch.rand(n, generator=gen) < 0.5
-    params = torch.cat([boxes, flip[:, None].long()], dim=1).to(image.device)  # one transfer
+    params = _to_device(torch.cat([boxes, flip[:, None].long()], dim=1), image.device)
     x = _crop_resize(image, params[:, :4], config.image_size)
     return torch.where(params[:, 4].bool().view(n, 1, 1, 1), x.flip(-1), x)
 
@@ -249,7 +256,7 @@ def _augmix(x: torch.Tensor, p: _AugMixParams) -> torch.Tensor:
     for step in range(_MAX_DEPTH):
         chains = _chain_step(chains, ops[:, step], levels[:, step], signs[:, step], depth > step)
     chains = chains.view(n, _N_CHAINS, *x.shape[1:])
-    wm = torch.cat([p.weights, p.mix[:, None]], dim=1).to(x.device)  # one transfer
+    wm = _to_device(torch.cat([p.weights, p.mix[:, None]], dim=1), x.device)
     return _mix(x, chains, wm[:, :_N_CHAINS], wm[:, _N_CHAINS])
 
 
@@ -270,7 +277,7 @@ def _chain_step(
 
     ops/levels/signs/active are CPU tensors of length B. Each op runs once, batched, on the rows
     that drew it (all geometric ops share one grid_sample). Row indices and op parameters are
-    worked out on the CPU and sent to the device in two transfers, to keep syncs few.
+    worked out on the CPU and sent to the device in two transfers.
     """
     groups = []
     for fn, mask, param in _step_groups(ops, levels, signs, active, x.shape[-1]):
@@ -278,8 +285,8 @@ def _chain_step(
             groups.append((fn, mask.nonzero().squeeze(1), param[mask].float()))
     if not groups:
         return x
-    rows = torch.cat([g[1] for g in groups]).to(x.device).split([len(g[1]) for g in groups])
-    flat = torch.cat([g[2].reshape(-1) for g in groups]).to(x.device)
+    rows = _to_device(torch.cat([g[1] for g in groups]), x.device).split([len(g[1]) for g in groups])
+    flat = _to_device(torch.cat([g[2].reshape(-1) for g in groups]), x.device)
     params = flat.split([g[2].numel() for g in groups])
     out = x.clone()
     for (fn, _, cpu_param), r, q in zip(groups, rows, params):
@@ -306,24 +313,19 @@ def _affine_theta(ops: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor, 
     Matches PIL semantics of the AugMix ops on an S x S image: rotate turns counter-clockwise
     about the centre by int(3 * level) degrees; shear/translate use PIL's AFFINE data
     (1, s, 0, 0, 1, 0) etc., i.e. shear about the top-left corner and translate by
-    int(level * S / 30) pixels, with a random sign.
+    int(level * S / 30) pixels, with a random sign. Assumes the square S x S canvas of the views.
     """
-    b = ops.shape[0]
-    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    shear = levels * 0.3 / 10 * signs
+    def only(name: str, value: torch.Tensor) -> torch.Tensor:
+        return torch.where(ops == _OP[name], value, 0.0)
+
+    phi = only("rotate", -torch.deg2rad((levels * 30 / 10).floor() * signs))
+    cos, sin = phi.cos(), phi.sin()
+    shear = levels * 0.3 / 10 * signs  # x_in = x + s * y in pixel coords (shear_x)
+    shx, shy = only("shear_x", shear), only("shear_y", shear)
     shift = (levels * (size / 3) / 10).floor() * signs * (2.0 / size)
-    phi = -torch.deg2rad((levels * 30 / 10).floor() * signs)
-    rot = ops == _OP["rotate"]
-    cos, sin = phi.cos()[rot], phi.sin()[rot]
-    theta[rot, 0, 0], theta[rot, 0, 1], theta[rot, 1, 0], theta[rot, 1, 1] = cos, sin, -sin, cos
-    sx, sy = ops == _OP["shear_x"], ops == _OP["shear_y"]
-    theta[sx, 0, 1] = theta[sx, 0, 2] = shear[sx]  # x_in = x + s*y in pixel coords
-    theta[sy, 1, 0] = theta[sy, 1, 2] = shear[sy]
-    tx, ty = ops == _OP["translate_x"], ops == _OP["translate_y"]
-    theta[tx, 0, 2] = shift[tx]
-    theta[ty, 1, 2] = shift[ty]
-    return theta.float()
+    tx, ty = only("translate_x", shift), only("translate_y", shift)
+    rows = [torch.stack([cos, sin + shx, shx + tx], 1), torch.stack([-sin + shy, cos, shy + ty], 1)]
+    return torch.stack(rows, 1).float()
 
 
 def _affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
