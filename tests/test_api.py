@@ -126,3 +126,23 @@ def test_adapter_on_precomputed_features(tiny_backbone, rgb_image):
         features_only.step(rgb_image)
     with pytest.raises(ValueError, match="must be \\[C, D\\] with C = 4"):
         vlmtta.Adapter.from_features(CLASSES, text[:3])
+
+
+def test_step_batch_uses_the_method_batch_protocol(tiny_backbone, rgb_image):
+    from vlmtta.methods import Method, register
+
+    @register
+    class Batched(Method):
+        name = "test-batched"
+        episodic = False
+
+        def predict_batch(self, images):
+            self.seen = images.shape
+            return torch.eye(len(self.context.classnames))[[1] * images.shape[0]]
+
+    adapter = vlmtta.Adapter(CLASSES, "test-batched", backbone=tiny_backbone)
+    results = adapter.step_batch([rgb_image, np.asarray(rgb_image), rgb_image])
+    assert [r.label for r in results] == ["dog"] * 3 and adapter.steps == 3
+    assert adapter.method.seen == (3, 3, 32, 32)
+    with pytest.raises(ValueError, match="has no batch protocol"):
+        vlmtta.Adapter(CLASSES, backbone=tiny_backbone).step_batch([rgb_image])

@@ -12,7 +12,7 @@ from .backbone import FrozenCLIP, load_backbone
 from .images import ImageInput, load_image
 from .methods import Context, Need, create_method
 from .prompts import parse_classes, resolve_templates
-from .views import make_views, view_seed
+from .views import make_views, original_view, view_seed
 
 DEFAULT_METHOD = "zeroshot"
 DEFAULT_MODEL = "ViT-B-16"
@@ -115,6 +115,24 @@ class Adapter:
             else:
                 probs = self._adapt(lambda: self.method.predict_views(views))
         return self._prediction(probs, time.perf_counter() - start)
+
+    def step_batch(self, images: Iterable[ImageInput]) -> list[Prediction]:
+        """Adapt on a batch of test images at once: the batch protocol of methods that have one (SubTTA).
+
+        Each image enters as its original view only; ``elapsed_s`` is the batch time per image.
+        """
+        if not hasattr(self.method, "predict_batch"):
+            raise ValueError(f"Method {self.method.name!r} has no batch protocol; call step() per image.")
+        if self.backbone is None:
+            raise ValueError("step_batch needs images and a backbone; this adapter runs on precomputed features.")
+        start, config = time.perf_counter(), self.view_config
+        batch = torch.cat([original_view(load_image(image).to(self.backbone.device), config.image_size, config.mean,
+                                         config.std) for image in images])
+        with self._lock:
+            probs = self.method.predict_batch(batch).detach().float().cpu()
+            self.steps += len(probs)
+        elapsed = (time.perf_counter() - start) / max(1, len(probs))
+        return [self._prediction(row, elapsed) for row in probs]
 
     def step_features(self, features: torch.Tensor) -> Prediction:
         """Adapt on one image given the L2-normalised features [N, D] of its views (view 0 = original)."""
