@@ -78,11 +78,13 @@ class Adapter:
 
     @classmethod
     def from_features(cls, classes: str | Iterable[str], text_features: torch.Tensor, method: str = DEFAULT_METHOD, *,
-                      logit_scale: float = 100.0, top_k: int = 5, **method_options: Any) -> "Adapter":
+                      logit_scale: float = 100.0, logits_dtype: torch.dtype = torch.float32, top_k: int = 5,
+                      **method_options: Any) -> "Adapter":
         """An adapter on precomputed embeddings (no model): feed it with ``step_features``.
 
         ``text_features`` [C, D] are L2-normalised here; ``logit_scale`` is CLIP's temperature
-        (100 for OpenAI weights).  Only methods that need nothing but view features can run.
+        (100 for OpenAI weights); ``logits_dtype=torch.float16`` computes CLIP's logits as fp16 CLIP
+        inference does.  Only methods that need nothing but view features can run.
         """
         self = cls.__new__(cls)
         self.classes = parse_classes(classes)
@@ -94,7 +96,7 @@ class Adapter:
             raise ValueError(f"Method {self.method.name!r} needs the model itself; it cannot run on precomputed features.")
         self.templates, self.backbone, self.view_config = [], None, None
         text = torch.nn.functional.normalize(text_features.float(), dim=-1)
-        self._bind(Context(self.classes, self.templates, text, float(logit_scale)), 0, top_k)
+        self._bind(Context(self.classes, self.templates, text, float(logit_scale), logits_dtype=logits_dtype), 0, top_k)
         return self
 
     def _bind(self, context: Context, seed: int, top_k: int) -> None:
@@ -108,13 +110,15 @@ class Adapter:
             raise ValueError("This adapter runs on precomputed features: call step_features(features).")
         start = time.perf_counter()
         pixels = load_image(image).to(self.backbone.device)
+        views = make_views(pixels, self.view_config, seed=view_seed(self.seed, self.steps))
+        return self._prediction(self.adapt_views(views), time.perf_counter() - start)
+
+    def adapt_views(self, views: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [C] for one image's preprocessed views [N, 3, S, S] (view 0 = original)."""
         with self._lock:
-            views = make_views(pixels, self.view_config, seed=view_seed(self.seed, self.steps))
             if Need.VIEW_FEATURES in self.method.needs:
-                probs = self._adapt(lambda: self.method.predict_features(self.backbone.encode_images(views)))
-            else:
-                probs = self._adapt(lambda: self.method.predict_views(views))
-        return self._prediction(probs, time.perf_counter() - start)
+                return self._adapt(lambda: self.method.predict_features(self.backbone.encode_images(views)))
+            return self._adapt(lambda: self.method.predict_views(views))
 
     def step_batch(self, images: Iterable[ImageInput]) -> list[Prediction]:
         """Adapt on a batch of test images at once: the batch protocol of methods that have one (SubTTA).
@@ -165,6 +169,8 @@ class Adapter:
         """Backbone, templates, views and hyperparameters: what a reported number depends on."""
         views = {} if self.view_config is None else {"n_views": self.view_config.n_views,
                                                      "augmentation": self.view_config.policy}
+        if self.method.context.logits_dtype != torch.float32:
+            views["logits_dtype"] = str(self.method.context.logits_dtype).replace("torch.", "")
         backbone = {"model": None, "features": "precomputed"} if self.backbone is None else self.backbone.describe()
         return {**backbone, "method": self.method.name, "protocol": self.method.protocol, "templates": self.templates,
                 **views, "seed": self.seed, "hyperparameters": self.method.hyperparameters()}

@@ -46,6 +46,9 @@ class Context:
     text_features: torch.Tensor  # [C, D], L2-normalised, on the features' device
     logit_scale: float  # CLIP's temperature, exp(logit_scale) of the model (100 for OpenAI weights)
     backbone: "FrozenCLIP | None" = None  # None when running on precomputed features
+    # Precision of CLIP's logits: fp16 reproduces fp16 CLIP inference on fp16 embeddings (where rounding
+    # decides near-ties); results are always returned as float32.
+    logits_dtype: torch.dtype = torch.float32
 
     def require_backbone(self, method: str) -> "FrozenCLIP":
         """The backbone, or a clear error for methods that cannot run on precomputed features."""
@@ -129,7 +132,8 @@ class Method:
     def logits(self, features: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
         """CLIP logits ``scale * features @ text.T`` [N, C]."""
         text = self.context.text_features if text_features is None else text_features
-        return self.context.logit_scale * features @ text.t()
+        dtype = self.context.logits_dtype
+        return (self.context.logit_scale * features.to(dtype) @ text.to(dtype).t()).float()
 
 
 _REGISTRY: dict[str, type[Method]] = {}
