@@ -1,0 +1,172 @@
+"""Readers of the benchmark test splits: a list of (image path, label) in the dataset's canonical order.
+
+Labels follow the shipped class lists of ``vlmtta.prompts`` (``dataset_classnames``):
+
+* CoOp sets: the integer label of each ``[path, label, classname]`` triple of ``split_zhou_*.json``;
+* FGVC-Aircraft: the line of the variant in ``variants.txt``;
+* ImageNet val / -Sketch (wnid folders): the ImageNet index of the wnid, read from the dataset's own
+  ``classnames.txt`` (CoOp layout: ``<wnid> <name>`` per line, in ImageNet order) when present, else
+  the rank of the folder among the 1000 sorted wnid folders (sorted wnids = ImageNet index order);
+* ImageNet-A / -R: the position of that ImageNet index in the 200-class mask (``imagenet_masks.json``),
+  i.e. the rank among the 200 sorted wnid folders;
+* ImageNet-V2: ``int(folder name)`` (folders ``0``..``999`` are ImageNet indices; not a string sort).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from .catalog import DatasetSpec, get_spec
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+_WNID = re.compile(r"n\d{8}")
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset folder or one of its index files is missing."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """The test split of one dataset as found under a data root."""
+
+    key: str
+    folder: Path  # the dataset folder that was found
+    layout: str  # "coop" or "tpt" (which candidate folder matched)
+    paths: list[Path]
+    labels: list[int]
+    classnames: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def relative_paths(self) -> list[str]:
+        return [str(path.relative_to(self.folder)) for path in self.paths]
+
+
+def find_folder(spec: DatasetSpec, root: str | Path) -> tuple[Path, str]:
+    """The dataset folder under ``root`` and its layout name; ``DatasetNotFound`` names every candidate."""
+    root = Path(root).expanduser()
+    for folder, layout in zip(spec.folders, ("coop", "tpt")):
+        if (root / folder).is_dir():
+            return root / folder, layout
+    raise DatasetNotFound(f"{spec.key}: no folder {' or '.join(repr(str(root / f)) for f in spec.folders)} "
+                          "(see datasets/DATASETS.md).")
+
+
+def read_split(key: str, root: str | Path, splits_dir: str | Path | None = None) -> Split:
+    """The test split of dataset ``key`` under ``root`` (files are listed, not opened)."""
+    spec = get_spec(key)
+    folder, layout = find_folder(spec, root)
+    classnames = spec.classnames
+    if spec.reader == "coop_split":
+        pairs = _coop_split(spec, folder, Path(root).expanduser(), splits_dir)
+    else:
+        pairs = {"aircraft": _aircraft, "wnid_folders": _wnid_folders, "index_folders": _index_folders}[spec.reader](
+            spec, folder)
+    bad = sorted({label for _, label in pairs if not 0 <= label < len(classnames)})
+    if bad:
+        raise ValueError(f"{key}: labels {bad[:5]} fall outside the {len(classnames)} classes of {key}.")
+    return Split(key, folder, layout, [p for p, _ in pairs], [lab for _, lab in pairs], classnames)
+
+
+def split_file(spec: DatasetSpec, folder: Path, root: Path, splits_dir: str | Path | None = None) -> Path:
+    """Where ``split_zhou_*.json`` is: the dataset folder, ``splits_dir``, ``<root>/data_splits`` or ``<root>``."""
+    candidates = [folder / spec.split_file] + ([Path(splits_dir) / spec.split_file] if splits_dir else [])
+    candidates += [root / "data_splits" / spec.split_file, root / spec.split_file]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise DatasetNotFound(f"{spec.key}: {spec.split_file} not found; looked in "
+                          f"{', '.join(str(p.parent) for p in candidates)}.")
+
+
+def _coop_split(spec: DatasetSpec, folder: Path, root: Path, splits_dir: str | Path | None) -> list[tuple[Path, int]]:
+    path = split_file(spec, folder, root, splits_dir)
+    try:
+        test = json.loads(path.read_text("utf-8"))["test"]
+        return [(folder / spec.image_dir / rel, int(label)) for rel, label, *_ in test]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: expected {{'test': [[relative_path, label, classname], ...]}} ({error}).") from error
+
+
+def _aircraft(spec: DatasetSpec, folder: Path) -> list[tuple[Path, int]]:
+    variants_file, test_file = folder / "variants.txt", folder / "images_variant_test.txt"
+    for path in (variants_file, test_file):
+        if not path.is_file():
+            raise DatasetNotFound(f"{spec.key}: {path} is missing.")
+    variants = [line.strip() for line in variants_file.read_text("utf-8").splitlines() if line.strip()]
+    index = {name: k for k, name in enumerate(variants)}
+    pairs = []
+    for line in filter(None, (line.strip() for line in test_file.read_text("utf-8").splitlines())):
+        name, _, variant = line.partition(" ")
+        if variant not in index:
+            raise ValueError(f"{test_file}: variant {variant!r} of image {name} is not in variants.txt.")
+        pairs.append((folder / spec.image_dir / f"{name}.jpg", index[variant]))
+    return pairs
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _index_folders(spec: DatasetSpec, folder: Path) -> list[tuple[Path, int]]:
+    classes = sorted((d for d in folder.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+    if not classes:
+        raise DatasetNotFound(f"{spec.key}: {folder} holds no class folders named 0..999.")
+    return [(path, int(d.name)) for d in classes for path in _images(d)]
+
+
+@lru_cache(maxsize=1)
+def imagenet_masks() -> dict[str, list[int]]:
+    """ImageNet index of each of the 200 classes of ImageNet-A and -R (label order)."""
+    data = json.loads(resources.files("vlmtta.prompt_files").joinpath("imagenet_masks.json").read_text("utf-8"))
+    return {key: data[key] for key in ("imagenet_a", "imagenet_r")}
+
+
+def wnid_order(spec: DatasetSpec, folder: Path) -> tuple[dict[str, int], str]:
+    """wnid -> label for a wnid-folder dataset, and where the order came from."""
+    wnids = sorted(d.name for d in folder.iterdir() if d.is_dir() and _WNID.fullmatch(d.name))
+    n_classes = 200 if spec.key in ("imagenet_a", "imagenet_r") else 1000
+    listing = _classnames_txt(folder)
+    if listing is not None:
+        imagenet = {wnid: k for k, wnid in enumerate(_read_wnids(listing))}
+        unknown = [w for w in wnids if w not in imagenet]
+        if unknown:
+            raise ValueError(f"{spec.key}: folders {unknown[:3]} are not listed in {listing}.")
+        if n_classes == 1000:
+            return imagenet, str(listing)
+        mask = {index: k for k, index in enumerate(imagenet_masks()[spec.key])}
+        outside = [w for w in wnids if imagenet[w] not in mask]
+        if outside:
+            raise ValueError(f"{spec.key}: folders {outside[:3]} are not among its 200 classes.")
+        return {w: mask[imagenet[w]] for w in imagenet if imagenet[w] in mask}, str(listing)
+    if len(wnids) != n_classes:
+        raise DatasetNotFound(f"{spec.key}: {folder} holds {len(wnids)} wnid folders, expected {n_classes}; the class "
+                              "index of a wnid cannot be inferred from an incomplete set. Put ImageNet's classnames.txt "
+                              "('<wnid> <name>' per line, ImageNet order) next to the folders (see datasets/DATASETS.md).")
+    return {wnid: k for k, wnid in enumerate(wnids)}, "sorted wnid folders"
+
+
+def _classnames_txt(folder: Path) -> Path | None:
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / "classnames.txt").is_file():
+            return candidate / "classnames.txt"
+    return None
+
+
+def _read_wnids(path: Path) -> list[str]:
+    wnids = [line.split()[0] for line in path.read_text("utf-8").splitlines() if line.strip()]
+    if len(wnids) != 1000 or not all(_WNID.fullmatch(w) for w in wnids):
+        raise ValueError(f"{path}: expected 1000 lines '<wnid> <class name>' in ImageNet order, got {len(wnids)}.")
+    return wnids
+
+
+def _wnid_folders(spec: DatasetSpec, folder: Path) -> list[tuple[Path, int]]:
+    order, _ = wnid_order(spec, folder)
+    folders = sorted((d for d in folder.iterdir() if d.is_dir() and d.name in order), key=lambda d: order[d.name])
+    return [(path, order[d.name]) for d in folders for path in _images(d)]
