@@ -1,9 +1,18 @@
-"""Entropies over class logits and confident-view selection, shared by every view-based method."""
+"""Entropies over class logits and confident-view selection, shared by every view-based method.
+
+Views are ranked by a pluggable confidence criterion (lower score = more confident):
+``shannon`` (TPT, Zero, STS), ``tsallis`` with a fixed ``q`` (TE, Wu et al., ICLR 2026) and
+``adte`` with one ``q_l`` per class (ADTE, same paper).  ``confidence_scores`` dispatches on the
+name; ``select_confident(logits, ratio, scores)`` keeps the lowest-scoring views.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
+
+CONFIDENCE_CRITERIA = ("shannon", "tsallis", "adte")
+ADTE_FORMS = ("tsallis", "code")  # class-wise Tsallis: the Tsallis-consistent form, the official code's form
 
 
 def shannon_entropy(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -38,3 +47,68 @@ def select_confident(logits: torch.Tensor, ratio: float, scores: torch.Tensor | 
     """
     scores = shannon_entropy(logits) if scores is None else scores
     return torch.argsort(scores, stable=True)[: confident_count(logits.shape[0], ratio)]
+
+
+def tsallis_entropy(logits: torch.Tensor, q: float | torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Tsallis entropy ``sum_l (p_l - p_l^q_l) / (q_l - 1)`` of ``softmax(logits)`` along ``dim``.
+
+    ``q`` is a float (TE: ``(1 - sum p^q) / (q - 1)``) or one value per class (broadcast along
+    ``dim``; ADTE's class-wise form).  ``q -> 1`` gives the Shannon entropy: terms with
+    ``p^q`` close to ``p`` are computed as ``-p log p expm1(z) / z`` with ``z = (q - 1) log p``,
+    which avoids the cancellation of ``p - p^q`` (exactly Shannon at ``q == 1``).
+    """
+    log_p = logits.log_softmax(dim=dim)
+    q = torch.as_tensor(q, dtype=log_p.dtype, device=log_p.device)
+    if q.ndim and dim not in (-1, log_p.ndim - 1):
+        raise ValueError("A per-class q needs the classes on the last dimension.")
+    p, d = log_p.exp(), q - 1
+    z = d * log_p  # log(p^q / p)
+    near = z.abs() < 1  # p^q close to p: -p log p expm1(z)/z has no cancellation (and is -p log p at q == 1)
+    z_near = torch.where(near, z, torch.ones_like(z))
+    phi = torch.where(z_near == 0, torch.ones_like(z), torch.expm1(z_near) / torch.where(z_near == 0, torch.ones_like(z), z_near))
+    far = (p - torch.exp(q * log_p)) / torch.where(d == 0, torch.ones_like(d), d)  # only where |z| >= 1, so d != 0
+    return torch.where(near, -p * log_p * phi, far).sum(dim=dim)
+
+
+def adte_entropy(logits: torch.Tensor, q: torch.Tensor, form: str = "tsallis") -> torch.Tensor:
+    """ADTE's class-wise Tsallis score of each row of ``logits`` [N, C] with ``q`` [C].
+
+    ``form="tsallis"``: ``sum_l (p_l - p_l^q_l) / (q_l - 1)``, which is exactly the Tsallis
+    entropy when all ``q_l`` are equal.  ``form="code"``: the official code's
+    ``sum_l p_l^q_l / (1 - q_l)``, which differs from it by ``sum_l p_l / (1 - q_l)`` (a constant
+    only when ``q`` is constant, so both rank views identically then).
+    """
+    if form == "tsallis":
+        return tsallis_entropy(logits, q)
+    if form == "code":
+        return (torch.exp(q * logits.log_softmax(dim=-1)) / (1 - q)).sum(dim=-1)
+    raise ValueError(f"Unknown ADTE entropy form {form!r}; accepted: {', '.join(ADTE_FORMS)}.")
+
+
+def confidence_scores(logits: torch.Tensor, criterion: str = "shannon", q: float | torch.Tensor = 1.0,
+                      form: str = "tsallis") -> torch.Tensor:
+    """Per-view uncertainty [N] of ``logits`` [N, C] under ``criterion`` (lower = more confident).
+
+    ``shannon``: Shannon entropy; ``tsallis``: Tsallis entropy with a scalar ``q``; ``adte``:
+    class-wise Tsallis with ``q`` [C] (see ``adte_entropy``; ``form`` picks its variant).
+    """
+    if criterion == "shannon":
+        return shannon_entropy(logits)
+    if criterion == "tsallis":
+        if torch.as_tensor(q).ndim:
+            raise ValueError("criterion 'tsallis' takes a scalar q; use 'adte' for one q per class.")
+        return tsallis_entropy(logits, float(q))
+    if criterion == "adte":
+        q = torch.as_tensor(q, dtype=logits.dtype, device=logits.device)
+        if q.shape != logits.shape[-1:]:
+            raise ValueError(f"criterion 'adte' needs one q per class ({logits.shape[-1]}), got shape {tuple(q.shape)}.")
+        return adte_entropy(logits, q, form)
+    raise ValueError(f"Unknown confidence criterion {criterion!r}; accepted: {', '.join(CONFIDENCE_CRITERIA)}.")
+
+
+def check_confidence(criterion: str, q: float, allowed: tuple[str, ...] = ("shannon", "tsallis")) -> None:
+    """Validate a method's ``confidence``/``q`` options (scalar criteria only, q > 0)."""
+    if criterion not in allowed:
+        raise ValueError(f"Unknown confidence criterion {criterion!r}; accepted here: {', '.join(allowed)}.")
+    if not float(q) > 0:
+        raise ValueError(f"The Tsallis q must be positive, got {q}.")
