@@ -69,16 +69,114 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=int, default=5)
     speed.add_argument("--warmup", type=int, default=1)
     speed.add_argument("--output", default=None, help="write the JSON result here")
+    _add_bench_parser(commands)
+    _add_demo_parser(commands)
+    _add_generate_parser(commands)
+    table = commands.add_parser("table", help="method x dataset tables from result JSON files")
+    table.add_argument("results", nargs="?", default="results", help="folder of result JSON files (default: %(default)s)")
+    table.add_argument("--format", choices=("md", "csv"), default="md")
+    table.add_argument("--output", default=None, help="also write the table to this file")
+    data = commands.add_parser("data", help="dataset tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    check = data_commands.add_parser("check", help="is each dataset present, complete and readable?")
+    check.add_argument("--root", required=True, help="data root holding the dataset folders")
+    check.add_argument("--datasets", default="all", help="comma list, or all / cross_domain / imagenet_variants")
+    check.add_argument("--splits-dir", default=None, help="folder of split_zhou_*.json files (TPT layout)")
+    check.add_argument("--no-decode", action="store_true", help="only check that files exist (faster)")
+    check.add_argument("--allow-partial", action="store_true",
+                       help="exit 0 when fewer images than the published test split are listed but none is missing")
     return parser
+
+
+def _add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="run methods over benchmark datasets or a features file; write results")
+    bench.add_argument("--methods", required=True, help="comma-separated registered methods")
+    bench.add_argument("--datasets", default=None,
+                       help="comma list, or all / cross_domain / imagenet_variants; with --features: the dataset key "
+                            "(its per-dataset options apply) or a label")
+    bench.add_argument("--root", default=None, help="data root holding the dataset folders (see datasets/DATASETS.md)")
+    bench.add_argument("--features", default=None, help="precomputed-features .pt file instead of images")
+    bench.add_argument("--splits-dir", default=None, help="folder of split_zhou_*.json files (TPT layout)")
+    _add_backbone_args(bench)
+    bench.add_argument("--templates", default=None, help="template set for every method (default: the method's own, "
+                                                         "else tda:<dataset>)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--order", choices=("shuffled", "sorted", "grouped"), default=None,
+                       help="stream order (default: shuffled; file order for --features)")
+    bench.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[],
+                       metavar="KEY=VALUE", help="method hyperparameter for every method, repeatable")
+    bench.add_argument("--augmentation", default="method",
+                       help="view policy of view-based methods: method (their own, default), family (AugMix on "
+                            "fine-grained sets, crops+flips on ImageNet), rrc_flip or augmix")
+    bench.add_argument("--results", default="results", help="folder of result JSON files (default: %(default)s)")
+    bench.add_argument("--cache-dir", default=None, help="view-feature cache (default: $VLMTTA_CACHE or ~/.cache/vlmtta)")
+    bench.add_argument("--tag", default="", help="suffix that keeps runs with other settings apart")
+    bench.add_argument("--limit", type=int, default=None, help="only the first N images of each stream")
+    bench.add_argument("--checkpoint-every", type=int, default=500)
+    bench.add_argument("--workers", type=int, default=2, help="image-loading threads")
+    bench.add_argument("--force", action="store_true", help="recompute finished results")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--table", choices=("md", "csv"), default=None, help="print the table of --results at the end")
+    bench.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
+                       help="features files: CLIP logits in the file's precision (auto: fp16 files are scored as "
+                            "fp16 CLIP inference does), or fp32 / fp16")
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The demo's options (shared by ``vlmtta demo`` and ``python -m vlmtta.demo``)."""
+    _add_backbone_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    parser.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
+    return parser
+
+
+def _add_demo_parser(commands) -> None:
+    add_demo_arguments(commands.add_parser("demo", help="open the Gradio demo (needs the demo extra)"))
+
+
+def _add_generate_parser(commands) -> None:
+    gen = commands.add_parser("generate", help="pre-generate DiffTPT's diffusion variations of image files (resumable)")
+    gen.add_argument("images", nargs="+", metavar="IMG")
+    gen.add_argument("--count", type=int, default=63, help="variations per image (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--cache-dir", default=None, help="default: $VLMTTA_CACHE/diffusion or ~/.cache/vlmtta/diffusion")
+    gen.add_argument("--pipeline", default="lambdalabs/sd-image-variations-diffusers",
+                     help="diffusers image-variation pipeline: hub id or local folder (default: %(default)s)")
+    gen.add_argument("--revision", default="v2.0")
+    gen.add_argument("--guidance-scale", type=float, default=3.0)
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--image-size", type=int, default=224, help="the backbone's input size (cache key)")
+    gen.add_argument("--device", default="auto")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"predict": _predict, "methods": _methods, "bench-speed": _bench_speed}[args.command](args)
+        commands = {"predict": _predict, "methods": _methods, "bench-speed": _bench_speed, "bench": _bench,
+                    "table": _table, "data": _data_check, "demo": _demo, "generate": _generate}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"vlmtta: error: {error}", file=sys.stderr)
         return 2
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generation import VariationGenerator, generate_dataset
+
+    generator = VariationGenerator(args.pipeline, args.revision, args.guidance_scale, args.steps, args.device,
+                                   args.batch_size)
+    stats = generate_dataset(args.images, args.count, args.seed, args.cache_dir, generator, args.image_size,
+                             on_error=lambda path, error: print(f"vlmtta: skipping {path}: {error}", file=sys.stderr))
+    print(json.dumps(stats))
+    return 1 if stats["failed"] else 0
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -140,6 +238,71 @@ def _bench_speed(args: argparse.Namespace) -> int:
     if args.output:
         save_result(result, args.output)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import BenchSpec, run_bench
+    from .data import DatasetNotFound, parse_datasets
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    common = dict(methods=methods, results_dir=Path(args.results), root=Path(args.root) if args.root else None,
+                  splits_dir=args.splits_dir, model=args.model, pretrained=args.pretrained, device=args.device,
+                  templates=args.templates, seed=args.seed, order=args.order, options=dict(args.options),
+                  augmentation=args.augmentation, cache_dir=args.cache_dir, tag=args.tag, limit=args.limit,
+                  checkpoint_every=args.checkpoint_every, workers=args.workers, progress=not args.no_progress,
+                  force=args.force, precision=args.precision)
+    if args.features:
+        sources = [dict(features=Path(args.features), dataset=args.datasets)]
+    else:
+        if not args.root:
+            raise ValueError("bench needs --root DIR (with --datasets) or --features FILE.pt.")
+        sources = [dict(dataset=key) for key in parse_datasets(args.datasets)]
+    failed = 0
+    for source in sources:
+        try:
+            for r in run_bench(BenchSpec(**common, **source)):
+                print(f"{r['dataset']:<16} {r['method']:<14} {r['accuracy']:6.2f} %  ({r['correct']}/{r['n']})")
+        except DatasetNotFound as error:
+            print(f"vlmtta: skipping: {error}", file=sys.stderr)
+            failed += 1
+    if args.table:
+        from .results import format_tables, load_results
+
+        print(format_tables(load_results(args.results), args.table), end="")
+    return 1 if failed else 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .results import format_tables, load_results
+
+    if not Path(args.results).is_dir():
+        raise FileNotFoundError(f"Results folder {args.results} does not exist.")
+    text = format_tables(load_results(args.results), args.format)
+    print(text, end="")
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data import check_dataset, parse_datasets
+
+    if not Path(args.root).is_dir():
+        raise FileNotFoundError(f"Data root {args.root} does not exist.")
+    reports = [check_dataset(key, args.root, args.splits_dir, decode=not args.no_decode)
+               for key in parse_datasets(args.datasets)]
+    for report in reports:
+        print(report.line())
+    bad = [r.key for r in reports if not r.ok(args.allow_partial)]
+    if bad:
+        print(f"vlmtta: {len(bad)} dataset(s) not ready: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
