@@ -21,6 +21,9 @@ def test_wheel_ships_prompt_data(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "vlmtta/prompt_files/templates.json" in names
     assert "vlmtta/prompt_files/classnames/imagenet.txt" in names
+    assert "vlmtta/testbed/model/open_clip_pytorch_model.bin" in names
+    assert "vlmtta/testbed/data/t10k-images-idx3-ubyte.gz" in names
+    assert "vlmtta/examples/house.png" in names
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

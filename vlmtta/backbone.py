@@ -30,6 +30,8 @@ from .text import TextTower, encode_tokens
 log = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS = (None, "", "none", "random")
+# Shipped models: name -> (local-dir spec, weights tag); ``pretrained`` is ignored for them.
+MODEL_ALIASES = {"vlmtta-testbed": (f"local-dir:{Path(__file__).resolve().parent / 'testbed' / 'model'}", "testbed")}
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 
 
@@ -135,14 +137,15 @@ class FrozenCLIP:
         weights_dir: str | None = None,
         init_seed: int = 0,
     ):
+        source, pretrained = MODEL_ALIASES.get(model, (model, pretrained))
         pretrained = None if pretrained in RANDOM_WEIGHTS else str(pretrained)
         self.model_name = model
         self.pretrained = pretrained
         self.device = resolve_device(device)
-        _validate_source(model, pretrained)
-        force_quick_gelu = wants_quick_gelu(model, pretrained) if quick_gelu is None else quick_gelu
-        self.model = self._create(model, pretrained, force_quick_gelu, weights_dir, init_seed)
-        self.tokenizer = open_clip.get_tokenizer(model)
+        _validate_source(source, pretrained)
+        force_quick_gelu = wants_quick_gelu(source, pretrained) if quick_gelu is None else quick_gelu
+        self.model = self._create(source, pretrained, force_quick_gelu, weights_dir, init_seed)
+        self.tokenizer = open_clip.get_tokenizer(source)
         self.preprocess_cfg = open_clip.get_model_preprocess_cfg(self.model)
         self.text_tower = TextTower.of(self.model)
         self.text_cache = EmbeddingCache(cache_dir)

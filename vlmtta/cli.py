@@ -90,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="run methods over benchmark datasets or a features file; write results")
-    bench.add_argument("--methods", required=True, help="comma-separated registered methods")
+    bench.add_argument("--methods", default=None,
+                       help="comma-separated registered methods (required, except with --suite: default all)")
+    bench.add_argument("--suite", choices=("testbed",), default=None,
+                       help="testbed: the bundled Fashion-MNIST CLIP under 11 corruptions (no data needed)")
+    bench.add_argument("--severity", type=int, default=3, help="--suite testbed: corruption severity 1..5")
+    bench.add_argument("--n-per-corruption", type=int, default=200,
+                       help="--suite testbed: seeded test images per corruption (default: %(default)s)")
     bench.add_argument("--datasets", default=None,
                        help="comma list, or all / cross_domain / imagenet_variants; with --features: the dataset key "
                             "(its per-dataset options apply) or a label")
@@ -160,6 +166,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"vlmtta: error: {error}", file=sys.stderr)
         return 2
+
+
+def _bench_testbed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .testbed.suite import format_table, run_suite
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    progress = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = run_suite(methods, args.severity, args.n_per_corruption, args.seed, device=args.device, progress=progress)
+    print(format_table(result, {"md": "markdown", "csv": "csv"}.get(args.table, "text")))
+    out = Path(args.results) / f"testbed_sev{args.severity}_n{args.n_per_corruption}_seed{args.seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.to_dict(), indent=2))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -246,6 +267,10 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchSpec, run_bench
     from .data import DatasetNotFound, parse_datasets
 
+    if args.suite == "testbed":
+        return _bench_testbed(args)
+    if not args.methods:
+        raise ValueError("bench needs --methods a,b,... (or --suite testbed).")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     common = dict(methods=methods, results_dir=Path(args.results), root=Path(args.root) if args.root else None,
                   splits_dir=args.splits_dir, model=args.model, pretrained=args.pretrained, device=args.device,
