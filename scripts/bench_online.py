@@ -1,0 +1,116 @@
+"""Per-sample cost of the online cache methods with FULL caches, as a ratio to one single-view image encode.
+
+For each method: the median time of ``predict_features`` on one image's view features at ``--classes`` classes
+with every cache slot filled (TDA: 3 + 2 per class, BoostAdapter: the same plus its boosting copy, DMN: 50 per
+class), minus zero-shot's, divided by the median time of encoding one image (original view: resize, crop,
+``encode_images``) with ``--model`` (random weights: speed does not depend on them).
+
+    python scripts/bench_online.py [--classes 1000] [--threads 2] [--repeats 50] [--device cpu] [--output r.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import vlmtta
+
+# importing the method modules registers tda, dmn and boostadapter
+import vlmtta.methods.boostadapter
+import vlmtta.methods.dmn
+import vlmtta.methods.tda
+from vlmtta.memory import ClassCache
+from vlmtta.methods import Context, create_method
+from vlmtta.views import original_view
+
+ENTRIES = [  # label, method, options, views per image
+    ("zeroshot", "zeroshot", {}, 1),
+    ("tda", "tda", {"n_views": 1}, 1),
+    ("dmn (zero-shot)", "dmn", {"n_views": 1}, 1),
+    ("boostadapter, 1 view", "boostadapter", {"n_views": 1}, 1),
+    ("zeroshot, 64 views", "zeroshot", {"n_views": 64}, 64),
+    ("tda, 64 views", "tda", {"n_views": 64}, 64),
+    ("boostadapter, 64 views", "boostadapter", {"n_views": 64}, 64),
+    ("zeroshot, 32 views", "zeroshot", {"n_views": 32}, 32),
+    ("dmn (zero-shot), 32 views", "dmn", {"n_views": 32}, 32),
+]
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3, sync: Callable[[], None] = lambda: None) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def fill(cache: ClassCache, generator: torch.Generator) -> None:
+    """Every slot occupied by a random unit feature, entropy and 0/1 value."""
+    cache.keys.copy_(F.normalize(torch.randn(cache.keys.shape, generator=generator), dim=-1))
+    cache.entropy.copy_(torch.rand(cache.entropy.shape, generator=generator))
+    cache.values.copy_((torch.rand(cache.values.shape, generator=generator) < 0.05).float())
+
+
+def bound_full(method: str, options: dict, text: torch.Tensor, generator: torch.Generator):
+    m = create_method(method, **options)
+    m.bind(Context([str(i) for i in range(text.shape[0])], [], text, 100.0))
+    for name in ("positive", "negative", "dynamic"):
+        if getattr(m, name, None) is not None:
+            fill(getattr(m, name), generator)
+    return m
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    backbone = vlmtta.FrozenCLIP(args.model, None, args.device)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=generator).to(device)
+    encode = median_ms(lambda: backbone.encode_images(
+        original_view(image, backbone.image_size, backbone.mean, backbone.std)), max(5, args.repeats // 5), sync=sync)
+    dim = backbone.encode_images(original_view(image, backbone.image_size, backbone.mean, backbone.std)).shape[1]
+    text = F.normalize(torch.randn(args.classes, dim, generator=generator), dim=-1).to(device)
+    print(f"{args.model} (random weights), {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.classes} classes, full caches, median of {args.repeats}")
+    print(f"single-view image encode: {encode:.1f} ms\n")
+    print("| entry | views | ms / image | overhead over zero-shot (ms) | overhead / encode |")
+    print("|---|---:|---:|---:|---:|")
+    rows, base = [], {}
+    for label, method, options, n_views in ENTRIES:
+        m = bound_full(method, options, text, generator)
+        feats = F.normalize(torch.randn(n_views, dim, generator=generator), dim=-1).to(device)
+        ms = median_ms(lambda m=m, feats=feats: m.predict_features(feats), args.repeats, sync=sync)
+        if method == "zeroshot":
+            base[n_views] = ms
+        over = ms - base.get(n_views, float("nan"))
+        rows.append({"entry": label, "views": n_views, "ms": ms, "overhead_ms": over, "ratio_to_encode": over / encode})
+        print(f"| {label} | {n_views} | {ms:.2f} | {over:.2f} | {100 * over / encode:.1f} % |", flush=True)
+    if args.output:
+        args.output.write_text(json.dumps({"model": args.model, "device": str(device), "classes": args.classes,
+                                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                           "encode_ms": encode, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
