@@ -1,0 +1,118 @@
+"""TE and ADTE: Tsallis view selection, the online label-bias memory, warm-up, label adjustment, modes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlmtta.methods.adte  # noqa: F401  (registers te, adte)
+from vlmtta.api import Adapter
+from vlmtta.entropy import adte_entropy, select_confident, shannon_entropy, tsallis_entropy
+from vlmtta.methods import create_method
+from vlmtta.methods.adte import BiasMemory, class_q, estimate_log_bias, stationary
+
+C, D = 6, 16
+
+
+def make(method="adte", seed=0, **options):
+    g = torch.Generator().manual_seed(seed)
+    text = F.normalize(torch.randn(C, D, generator=g), dim=-1)
+    return Adapter.from_features([f"c{i}" for i in range(C)], text, method, logit_scale=10.0, **options), g
+
+
+def views_near(adapter, cls, g, n=20):
+    text = adapter.method.context.text_features
+    return F.normalize(text[cls] + 0.4 * torch.randn(n, D, generator=g), dim=-1)
+
+
+def test_te_keeps_lowest_tsallis_views_and_averages_probabilities():
+    adapter, g = make("te", n_views=20)
+    views = views_near(adapter, 2, g)
+    logits = 10 * views @ adapter.method.context.text_features.t()
+    expected = logits[tsallis_entropy(logits, 0.1).argsort()[:2]].softmax(-1).mean(0)
+    assert torch.allclose(adapter.adapt_features(views), expected, atol=1e-6)
+    shannon, _ = make("te", n_views=20, q=1.0)  # q = 1: the paper's SE baseline
+    assert torch.allclose(shannon.adapt_features(views), logits[shannon_entropy(logits).argsort()[:2]].softmax(-1).mean(0))
+
+
+def test_class_q_min_max_hand_values():
+    assert class_q(torch.tensor([-3.0, -1.0, -2.0])).tolist() == pytest.approx([0.01, 0.9, 0.455])
+    assert class_q(torch.tensor([-1.0, -1.0]), (0.2, 0.5)).tolist() == pytest.approx([0.2, 0.2])
+
+
+def test_memory_margin_rule_and_replacement():
+    memory = BiasMemory(3, size=2, margin=1.0)
+    assert not memory.add(torch.tensor([2.0, 1.0, 0.0]))  # margin exactly 1: rejected online ...
+    assert memory.add(torch.tensor([2.0, 1.0, 0.0]), strict=False)  # ... accepted by the pre-pass rule (>= 1)
+    assert memory.add(torch.tensor([5.0, 1.0, 0.0])) and memory.count == 2
+    assert memory.add(torch.tensor([3.5, 1.0, 0.0])) and memory.count == 2  # full: replaces the smallest margin (1)
+    assert sorted(memory.gaps[0].tolist()) == [2.5, 4.0] and (memory.gaps[1:] < 0).all()
+    stored = torch.stack([torch.tensor([5.0, 1.0, 0.0]), torch.tensor([3.5, 1.0, 0.0])]).softmax(-1)
+    P = memory.transition()
+    assert torch.allclose(P[:, 0], stored.mean(0)) and (P[:, 1:] == 0).all()  # columns: mean softmax per pseudo-class
+
+
+def test_stationary_vector_of_a_two_state_chain():
+    P = torch.tensor([[0.9, 0.2], [0.1, 0.8]])  # column-stochastic; stationary (2/3, 1/3)
+    pi = stationary(P, tol=1e-9, max_iter=10_000)
+    assert (pi / pi.sum()).tolist() == pytest.approx([2 / 3, 1 / 3], abs=1e-6)
+    capped = stationary(P, max_iter=1)  # the iteration cap binds: one step from uniform
+    assert torch.allclose(capped, F.normalize(P @ torch.full((2,), 0.5), dim=0))
+
+
+def test_warmup_uses_shannon_then_adaptive_q_and_label_adjustment():
+    adapter, g = make(warmup=3, n_views=20)
+    method = adapter.method
+    text = method.context.text_features
+    for cls in (0, 1):
+        views = views_near(adapter, cls, g)
+        logits = 10 * views @ text.t()
+        expected = logits[shannon_entropy(logits).argsort()[:2]].softmax(-1).mean(0)
+        assert torch.allclose(adapter.adapt_features(views), expected, atol=1e-6)  # warming up
+    views = views_near(adapter, 4, g)
+    logits = 10 * views @ text.t()
+    probs = adapter.adapt_features(views)  # its entry is the 3rd: debiasing starts with this image, as in the code
+    assert method.memory.count == 3
+    log_pi = method.memory.log_stationary()
+    scores = adte_entropy(logits, class_q(log_pi))
+    expected = (logits[scores.argsort()[:2]] - log_pi).softmax(-1).mean(0)
+    assert torch.allclose(probs, expected, atol=1e-6)
+    method.reset()
+    assert method.memory.count == 0 and method.protocol == "online"
+
+
+def test_label_adjustment_and_code_form_options():
+    plain, g = make(warmup=0, label_adjust=False, entropy_form="code", n_views=20)
+    views = views_near(plain, 1, g)
+    logits = 10 * views @ plain.method.context.text_features.t()
+    probs = plain.adapt_features(views)  # the memory has this image's entry already
+    scores = adte_entropy(logits, class_q(plain.method.memory.log_stationary()), "code")
+    assert torch.allclose(probs, logits[scores.argsort()[:2]].softmax(-1).mean(0), atol=1e-6)
+
+
+def test_transductive_mode_is_explicit():
+    adapter, g = make(bias="transductive", n_views=20)
+    assert adapter.protocol()["hyperparameters"]["bias"] == "transductive"
+    views = views_near(adapter, 3, g)
+    with pytest.raises(ValueError, match="load_bias"):
+        adapter.adapt_features(views)
+    stream = torch.stack([10 * views_near(adapter, c % C, g).mean(0) @ adapter.method.context.text_features.t()
+                          for c in range(30)])
+    log_pi = estimate_log_bias(stream)
+    adapter.method.load_bias(log_pi)
+    first = adapter.adapt_features(views)
+    adapter.reset()  # the loaded bias is an input, not stream state: it survives reset
+    assert torch.equal(adapter.adapt_features(views), first)
+    online, _ = make()
+    with pytest.raises(ValueError, match="transductive"):
+        online.method.load_bias(log_pi)
+
+
+def test_validation_and_defaults():
+    defaults = create_method("adte").hyperparameters()
+    assert defaults["ratio"] == 0.1 and defaults["warmup"] == 100 and defaults["q_range"] == (0.01, 0.9)
+    assert defaults["bias"] == "online" and create_method("adte").episodic is False and create_method("te").episodic
+    with pytest.raises(ValueError, match="entropy_form"):
+        create_method("adte", entropy_form="paper")
+    with pytest.raises(ValueError, match="q_range"):
+        create_method("adte", q_range=(0.5, 1.2))

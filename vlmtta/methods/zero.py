@@ -1,0 +1,62 @@
+"""Zero: test-time augmentation with zero temperature (Farina et al., NeurIPS 2024)."""
+from __future__ import annotations
+
+import torch
+
+from ..entropy import check_confidence, confidence_scores, confident_count
+from .base import Method, register
+
+TIE_BREAKS = ("paper", "code")
+
+
+@register
+class Zero(Method):
+    """Keep the ``ratio`` most confident views, let each vote one-hot (temperature -> 0), majority wins.
+
+    Steps (paper, Sec. 3): encode the original and 63 random-resized-crop + flip views once;
+    rank them by the entropy of their CLIP predictions and keep the 30 % most confident
+    (``ratio=0.3``, the value the official code and README moved to from the paper's first 0.1);
+    zero the softmax temperature, so each kept view is a one-hot vote; sum the votes.
+
+    Ties between classes with the same vote count are broken greedily: the discarded views are
+    visited from the most confident on, and the first whose prediction is one of the tied classes
+    decides (``tie_break="paper"``).  The official code visits the views with index >= k in their
+    original order instead of their confidence order (``tie_break="code"``).  If no such view
+    exists, the tied class with the highest logit in the first visited view wins.
+
+    Returns the normalised vote counts (the winner of a broken tie gets one extra vote, as in the
+    code).  ``confidence="tsallis"`` with ``q`` ranks the views by Tsallis entropy instead (TE).
+    """
+
+    name = "zero"
+    summary = "Zero: majority vote of the 30% most confident views at zero softmax temperature (no backprop)."
+    paper = "Farina et al., Frustratingly Easy Test-Time Adaptation of Vision-Language Models, NeurIPS 2024"
+
+    def __init__(self, n_views: int = 64, augmentation: str = "rrc_flip", ratio: float = 0.3,
+                 tie_break: str = "paper", confidence: str = "shannon", q: float = 1.0):
+        super().__init__(n_views=n_views, augmentation=augmentation)
+        confident_count(self.n_views, ratio)  # validates the ratio
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"zero: unknown tie_break {tie_break!r}; accepted: {', '.join(TIE_BREAKS)}.")
+        check_confidence(confidence, q)
+        self.ratio, self.tie_break, self.confidence, self.q = float(ratio), tie_break, confidence, float(q)
+
+    def predict_features(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(features)
+        order = torch.argsort(confidence_scores(logits, self.confidence, self.q), stable=True)
+        kept = confident_count(logits.shape[0], self.ratio)
+        votes = torch.bincount(logits[order[:kept]].argmax(dim=-1), minlength=logits.shape[1]).to(logits.dtype)
+        tied = votes == votes.max()
+        if int(tied.sum()) > 1:
+            rest = order[kept:] if self.tie_break == "paper" else torch.arange(kept, logits.shape[0], device=logits.device)
+            votes[break_tie(tied, logits[rest] if len(rest) else logits[order])] += 1
+        return votes / votes.sum()
+
+
+def break_tie(tied: torch.Tensor, logits: torch.Tensor) -> int:
+    """The tied class (mask ``tied`` [C]) predicted by the first row of ``logits`` [M, C] that predicts one;
+    if none does, the tied class with the highest logit in the first row."""
+    hits = tied[logits.argmax(dim=-1)]
+    if bool(hits.any()):
+        return int(logits[int(hits.int().argmax())].argmax())
+    return int(logits[0].masked_fill(~tied, float("-inf")).argmax())
