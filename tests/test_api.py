@@ -15,6 +15,7 @@ CLASSES = ["cat", "dog", "car", "tree"]
 def run(tiny_model_dir):
     def call(image, classes=CLASSES, **kwargs):
         kwargs.setdefault("device", "cpu")
+        kwargs.setdefault("method", "zeroshot")
         return vlmtta.predict(image, classes, model=tiny_model_dir, pretrained=None, **kwargs)
     return call
 
@@ -68,7 +69,7 @@ def test_views_are_seeded(run, rgb_image):
 
 
 def test_adapter_stream_and_reset(tiny_backbone, rgb_image):
-    adapter = vlmtta.Adapter(CLASSES, backbone=tiny_backbone, n_views=4, seed=3)
+    adapter = vlmtta.Adapter(CLASSES, "zeroshot", backbone=tiny_backbone, n_views=4, seed=3)
     first = adapter.step(rgb_image)
     second = adapter.step(rgb_image)  # next views seed
     assert adapter.steps == 2 and first.probabilities != second.probabilities
@@ -97,7 +98,7 @@ def test_bad_arguments(run, rgb_image, kwargs, error, message):
 
 
 def test_bad_image_loses_nothing(tiny_backbone, rgb_image, tmp_path):
-    adapter = vlmtta.Adapter(CLASSES, backbone=tiny_backbone)
+    adapter = vlmtta.Adapter(CLASSES, "zeroshot", backbone=tiny_backbone)
     with pytest.raises(ImageLoadError, match="not found"):
         adapter.step(tmp_path / "missing.jpg")
     assert adapter.steps == 0 and adapter.step(rgb_image).label in CLASSES
@@ -111,9 +112,9 @@ def test_long_class_name_is_truncated_with_warning(run, rgb_image):
 
 def test_adapter_on_precomputed_features(tiny_backbone, rgb_image):
     """from_features + step_features gives what the full adapter gives on the same features."""
-    full = vlmtta.Adapter(CLASSES, backbone=tiny_backbone)
+    full = vlmtta.Adapter(CLASSES, "zeroshot", backbone=tiny_backbone)
     text = tiny_backbone.class_embeddings(CLASSES)
-    features_only = vlmtta.Adapter.from_features(CLASSES, text * 3, logit_scale=tiny_backbone.logit_scale)
+    features_only = vlmtta.Adapter.from_features(CLASSES, text * 3, "zeroshot", logit_scale=tiny_backbone.logit_scale)
     from vlmtta.images import load_image
     from vlmtta.views import make_views
 
@@ -146,3 +147,12 @@ def test_step_batch_uses_the_method_batch_protocol(tiny_backbone, rgb_image):
     assert adapter.method.seen == (3, 3, 32, 32)
     with pytest.raises(ValueError, match="has no batch protocol"):
         vlmtta.Adapter(CLASSES, backbone=tiny_backbone).step_batch([rgb_image])
+
+
+def test_default_method_is_sts(tiny_model_dir, rgb_image):
+    import inspect
+
+    assert inspect.signature(vlmtta.predict).parameters["method"].default == "sts"
+    assert inspect.signature(vlmtta.Adapter).parameters["method"].default == "sts"
+    result = vlmtta.predict(rgb_image, CLASSES, model=tiny_model_dir, pretrained=None, device="cpu")
+    assert result.method == "sts" and result.label in CLASSES

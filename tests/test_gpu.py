@@ -29,7 +29,7 @@ def test_cuda_images_and_predict_match_cpu(pair, rgb_image):
     cpu, gpu = pair
     views = torch.randn(8, 3, 32, 32)
     assert (gpu.encode_images(views).cpu() - cpu.encode_images(views)).abs().max() < 5e-3
-    on_cpu = vlmtta.Adapter(CLASSES, backbone=cpu, n_views=16).step(rgb_image)
-    on_gpu = vlmtta.Adapter(CLASSES, backbone=gpu, n_views=16).step(rgb_image)
+    on_cpu = vlmtta.Adapter(CLASSES, "zeroshot", backbone=cpu, n_views=16).step(rgb_image)
+    on_gpu = vlmtta.Adapter(CLASSES, "zeroshot", backbone=gpu, n_views=16).step(rgb_image)
     assert on_gpu.label == on_cpu.label
     assert on_gpu.probabilities == pytest.approx(on_cpu.probabilities, abs=1e-2)

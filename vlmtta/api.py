@@ -14,7 +14,7 @@ from .methods import Context, Need, create_method
 from .prompts import parse_classes, resolve_templates
 from .views import make_views, original_view, view_seed
 
-DEFAULT_METHOD = "zeroshot"
+DEFAULT_METHOD = "sts"
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 
