@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,23 +21,16 @@ import torch.nn.functional as F
 from vlmtta.backbone import FrozenCLIP
 from vlmtta.methods.base import Context
 from vlmtta.methods.subtta import SubTTA
+from vlmtta.speed import median_seconds
 
 
 def timed(run, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
     """Median wall-clock seconds of ``run()`` and peak GPU memory (GiB; 0 on CPU)."""
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
     for _ in range(warmup):
-        once()
+        run()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = statistics.median(once() for _ in range(repeats))
+    seconds = median_seconds(run, device, repeats)
     return seconds, (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0)
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vlmtta.backbone import FrozenCLIP
 from vlmtta.methods.base import Context
 from vlmtta.methods.tca import TCA
+from vlmtta.speed import median_seconds
 from vlmtta.vit import forward_vit
 
 
@@ -49,21 +48,6 @@ def counted_forward(backbone: FrozenCLIP, image: torch.Tensor, method: TCA | Non
     with torch.inference_mode(), backbone.autocast():
         return forward_vit(backbone.model, image, hook_layers=range(n_blocks), anchor_fn=anchor,
                            reduce_fn=reduce if method else None)
-
-
-def timed(run, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall-clock seconds of ``run()``."""
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-    for _ in range(warmup):
-        once()
-    return statistics.median(once() for _ in range(repeats))
 
 
 def tca_method(backbone: FrozenCLIP, context: Context, keep_ratio: float, code_drop_rate: float | None) -> TCA:
@@ -98,7 +82,7 @@ def main() -> None:
     plain = lambda: backbone.encode_images(image)
     counted = counted_forward(backbone, image).features
     assert torch.allclose(counted, backbone.model.encode_image(image), atol=1e-3), "counted forward != encode_image"
-    base_flops, base_time = gflops(lambda: counted_forward(backbone, image)), timed(plain, device, args.warmup, args.repeats)
+    base_flops, base_time = gflops(lambda: counted_forward(backbone, image)), median_seconds(plain, device, args.repeats, args.warmup)
     rows = [{"setting": "plain encode_image", "gflops": base_flops, "encode_ms": base_time * 1e3}]
     settings = [(f"TCA R={r}", r, None) for r in args.ratios]
     settings += [(f"TCA code drop={d}", 1.0, d) for d in args.code_drop_rates]
@@ -108,8 +92,8 @@ def main() -> None:
         step = lambda m=method, a=method._anchors: (m.predict_views(image), setattr(m, "_anchors", a))
         rows.append({"setting": label, "gflops": gflops(lambda m=method: counted_forward(backbone, image, m)),
                      "tokens_per_block": encode().n_tokens,
-                     "encode_ms": timed(encode, device, args.warmup, args.repeats) * 1e3,
-                     "step_ms": timed(step, device, args.warmup, args.repeats) * 1e3})
+                     "encode_ms": median_seconds(encode, device, args.repeats, args.warmup) * 1e3,
+                     "step_ms": median_seconds(step, device, args.repeats, args.warmup) * 1e3})
 
     print(f"{args.model}, random weights, {device} ({backbone.precision}), batch 1, {args.n_classes} classes, "
           f"median of {args.repeats}")

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import open_clip
@@ -21,21 +19,8 @@ import torch
 
 from vlmtta.backbone import resolve_device
 from vlmtta.prompts import dataset_classnames
+from vlmtta.speed import median_seconds
 from vlmtta.text import TextTower, encode_tokens
-
-
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warmup
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -63,8 +48,8 @@ def main() -> None:
             return torch.cat([model.encode_text(b) for b in batches])
 
     diff = (run(True) - run(False)).abs().max().item()
-    full = _median_seconds(lambda: run(False), args.repeats, device)
-    truncated = _median_seconds(lambda: run(True), args.repeats, device)
+    full = median_seconds(lambda: run(False), device, args.repeats, warmup=1)
+    truncated = median_seconds(lambda: run(True), device, args.repeats, warmup=1)
     tower = TextTower.of(model)
     result = {"model": args.model, "device": str(device), "dtype": "fp32", "n_prompts": len(texts),
               "template": args.template, "batch_size": args.batch_size, "repeats": args.repeats,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import vlmtta.methods.adte  # noqa: F401  (registers te, adte)
 from vlmtta.api import Adapter
-from vlmtta.entropy import adte_entropy, select_confident, shannon_entropy, tsallis_entropy
+from vlmtta.entropy import adte_entropy, shannon_entropy, tsallis_entropy
 from vlmtta.methods import create_method
 from vlmtta.methods.adte import BiasMemory, class_q, estimate_log_bias, stationary
 

@@ -65,21 +65,33 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         result["peak_mb"] = max(0, max(peak[0], _rss_bytes()) - start) / 2**20
 
 
-def _time(fn: Callable[[int], Any], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
-    """Median seconds of ``fn(i)`` and the peak memory over the timed calls."""
-    for i in range(warmup):
-        fn(i)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 0) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones (CUDA-synced)."""
+    for _ in range(warmup):
+        fn()
     times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _time(fn: Callable[[int], Any], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
+    """Median seconds of ``fn(i)`` (i counts calls, so each sees new views) and the peak memory of the timed calls."""
+    calls = iter(range(warmup + repeats))
+    for _ in range(warmup):
+        fn(next(calls))
     with peak_memory(device) as memory:
-        for i in range(warmup, warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn(i)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), memory["peak_mb"]
+        seconds = median_seconds(lambda: fn(next(calls)), device, repeats)
+    return seconds, memory["peak_mb"]
 
 
 def run_speed_benchmark(

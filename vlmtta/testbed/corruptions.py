@@ -8,7 +8,6 @@ testbed model's zero-shot accuracy falls well below clean but stays above chance
 """
 from __future__ import annotations
 
-import io
 import math
 from typing import Callable
 
