@@ -12,9 +12,7 @@ resumes with the rows it had finished; ``meta.json`` says ``complete`` once ever
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -25,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import cache_key
+from .cache import atomic_write, cache_key
 from .images import load_image
 from .views import ViewConfig, make_views, view_seed
 
@@ -33,21 +31,9 @@ CACHE_FORMAT = 1
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (see ``vlmtta.cache.atomic_write``)."""
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def read_json(path: str | Path) -> dict | None:
