@@ -16,12 +16,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vlmtta.backbone import FrozenCLIP
-from vlmtta.methods.base import Context
 from vlmtta.methods.subtta import SubTTA
-from vlmtta.speed import median_seconds
+from vlmtta.speed import median_seconds, random_context
 
 
 def timed(run, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
@@ -50,8 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
     backbone = FrozenCLIP(args.model, None, args.device)
     device = backbone.device
-    text = F.normalize(torch.randn(args.n_classes, backbone.embed_dim, device=device), dim=-1)
-    context = Context([f"class {i}" for i in range(args.n_classes)], [], text, 100.0, backbone)
+    context = random_context(backbone, args.n_classes)
     size = backbone.image_size
     images = torch.randn(args.batch, 3, size, size, device=device)
     views = torch.randn(args.n_views, 3, size, size, device=device)

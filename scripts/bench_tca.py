@@ -20,14 +20,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlmtta.backbone import FrozenCLIP
 from vlmtta.methods.base import Context
 from vlmtta.methods.tca import TCA
-from vlmtta.speed import median_seconds
+from vlmtta.speed import median_seconds, random_context
 from vlmtta.vit import forward_vit
 
 
@@ -75,8 +74,7 @@ def main() -> None:
     torch.manual_seed(0)
     backbone = FrozenCLIP(args.model, None, args.device)
     device = backbone.device
-    text = F.normalize(torch.randn(args.n_classes, backbone.embed_dim, device=device), dim=-1)
-    context = Context([f"class {i}" for i in range(args.n_classes)], [], text, 100.0, backbone)
+    context = random_context(backbone, args.n_classes)
     image = torch.randn(1, 3, backbone.image_size, backbone.image_size, device=device)
 
     plain = lambda: backbone.encode_images(image)

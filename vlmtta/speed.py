@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .api import Adapter
 from .backbone import FrozenCLIP, load_backbone
-from .methods import create_method, method_names
+from .methods import Context, create_method, method_names
 from .prompts import dataset_classnames
 from .views import make_views, view_seed
 
@@ -29,6 +30,13 @@ def benchmark_classnames(n_classes: int) -> list[str]:
     """ImageNet class names (synthetic names past 1000)."""
     names = dataset_classnames("imagenet")
     return names[:n_classes] + [f"synthetic class {i}" for i in range(len(names), n_classes)]
+
+
+def random_context(backbone: FrozenCLIP, n_classes: int, seed: int = 0) -> Context:
+    """A class set of ``n_classes`` random unit text features bound to ``backbone`` (scale 100), for timing methods."""
+    generator = torch.Generator().manual_seed(seed)
+    text = F.normalize(torch.randn(n_classes, backbone.embed_dim, generator=generator), dim=-1).to(backbone.device)
+    return Context([f"class {i}" for i in range(n_classes)], [], text, 100.0, backbone)
 
 
 def _rss_bytes() -> int:
