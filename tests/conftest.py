@@ -33,6 +33,22 @@ def write_model_dir(folder: Path, config: dict = TINY_CONFIG, state_dict: dict |
     return f"local-dir:{folder}"
 
 
+def bound_method(name: str, backbone, classes: list[str], **options):
+    """A registered method bound to ``backbone`` and ``classes`` with the template "a photo of a {}."."""
+    from vlmtta.methods import Context, create_method
+
+    method = create_method(name, **options)
+    templates = ["a photo of a {}."]
+    text = backbone.class_embeddings(classes, templates)
+    method.bind(Context(list(classes), templates, text, backbone.logit_scale, backbone))
+    return method
+
+
+def random_images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
+    """``n`` seeded random preprocessed images [n, 3, size, size] (the tiny models take 32 px)."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """``local-dir:`` spec of a tiny ViT CLIP with fixed random weights saved to disk."""

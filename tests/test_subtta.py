@@ -6,23 +6,18 @@ import math
 
 import pytest
 import torch
+from conftest import bound_method, random_images
 
 import vlmtta.methods.subtta as st
-from vlmtta.methods import create_method
-from vlmtta.methods.base import Context
 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
 
 
 def bind(backbone, **options) -> st.SubTTA:
-    method = create_method("subtta", **options)
-    text = backbone.class_embeddings(CLASSES, ["a photo of a {}."])
-    method.bind(Context(CLASSES, ["a photo of a {}."], text, backbone.logit_scale, backbone))
-    return method
+    return bound_method("subtta", backbone, CLASSES, **options)
 
 
-def batch(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+batch = random_images
 
 
 def test_chordal_distance_hand_computed():

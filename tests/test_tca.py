@@ -5,22 +5,19 @@ import math
 
 import pytest
 import torch
+from conftest import bound_method, random_images
 
-from vlmtta.methods import create_method, tca
+from vlmtta.methods import tca
 from vlmtta.methods.base import Context
 
 CLASSES = ["cat", "dog", "car", "tree"]
 
 
 def bind(backbone, **options) -> tca.TCA:
-    method = create_method("tca", **options)
-    text = backbone.class_embeddings(CLASSES, ["a photo of a {}."])
-    method.bind(Context(CLASSES, ["a photo of a {}."], text, backbone.logit_scale, backbone))
-    return method
+    return bound_method("tca", backbone, CLASSES, **options)
 
 
-def images(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+images = random_images
 
 
 def test_condensation_sizes():
