@@ -6,6 +6,7 @@ import torch
 
 import vlmtta
 from vlmtta.backbone import FrozenCLIP
+from vlmtta.methods import method_names
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
@@ -33,3 +34,12 @@ def test_cuda_images_and_predict_match_cpu(pair, rgb_image):
     on_gpu = vlmtta.Adapter(CLASSES, "zeroshot", backbone=gpu, n_views=16).step(rgb_image)
     assert on_gpu.label == on_cpu.label
     assert on_gpu.probabilities == pytest.approx(on_cpu.probabilities, abs=1e-2)
+
+
+@pytest.mark.parametrize("name", [m for m in method_names() if m != "difftpt"])
+def test_every_method_runs_on_cuda_and_agrees_with_cpu(pair, rgb_image, name):
+    """Each method's CUDA path (fp16 autocast, device-resident state) gives the CPU prediction."""
+    cpu, gpu = pair
+    options = {"layers": (1,)} if name == "tca" else {"n_views": 8}  # the tiny ViT has 2 blocks
+    results = [vlmtta.Adapter(CLASSES, name, backbone=b, **options).step(rgb_image) for b in (cpu, gpu)]
+    assert results[1].probabilities == pytest.approx(results[0].probabilities, abs=2e-2)
