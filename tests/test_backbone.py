@@ -178,3 +178,42 @@ def test_unknown_model_and_weights():
         FrozenCLIP("ViT-B-16", "opena1", "cpu")
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
         FrozenCLIP("local-dir:/nonexistent/folder", None, "cpu")
+
+
+def test_precast_weights_are_bit_identical_under_autocast():
+    """Weights stored in the autocast dtype give exactly the outputs (and input gradients) of casting them at
+    every call; checked with CPU bf16 autocast, the same mechanism FrozenCLIP uses with fp16 on CUDA.  The
+    MultiheadAttention fast path (which CUDA autocast disables, CPU autocast does not) is off, as on CUDA."""
+    from vlmtta.backbone import precast_autocast_weights
+
+    def build():
+        torch.manual_seed(0)
+        return _tiny_clip()
+
+    plain, precast = build(), build()
+    assert precast_autocast_weights(precast, torch.bfloat16) > 0
+    assert precast.visual.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert precast.transformer.get_cast_dtype() == torch.float32  # the residual stream keeps its precision
+    images = torch.randn(3, 3, 32, 32)
+    tokens = open_clip.tokenize(["a photo of a cat.", "a dog"])
+    outputs, fastpath = [], torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        for model in (plain, precast):
+            tower = TextTower.of(model)
+            embedded = tower.embed(tokens).detach().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                image = model.encode_image(images)
+                text = tower.forward_embeddings(embedded, tower.pool_positions(tokens))
+            (grad,) = torch.autograd.grad(text.float().square().sum(), embedded)
+            outputs.append((image, text, grad))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    for a, b in zip(*outputs):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _tiny_clip() -> torch.nn.Module:
+    model = open_clip.CLIP(embed_dim=TINY_CONFIG["embed_dim"], vision_cfg=TINY_CONFIG["vision_cfg"],
+                           text_cfg=TINY_CONFIG["text_cfg"])
+    return model.eval().requires_grad_(False)

@@ -94,3 +94,26 @@ def test_difftpt_fast_path_equals_reference(tiny_backbone, tmp_path):
         out.append((method.predict_views(views), method.learner.ctx.detach().clone()))
     torch.testing.assert_close(out[0][1], out[1][1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out[0][0], out[1][0], atol=1e-5, rtol=1e-4)
+
+
+def test_cache_key_comes_from_the_image_not_the_device_made_views(tiny_backbone, rgb_image, tmp_path):
+    """A cache pre-generated from the image (as ``vlmtta generate`` does, on the CPU) serves a run whose
+    views differ by a grey level (as GPU-made views can): the key is the CPU-made original view."""
+    from test_generation import FakePipeline
+    from vlmtta.generation import DiffusionViews, VariationGenerator, source_pixels
+    from vlmtta.images import load_image
+    from vlmtta.views import make_views
+
+    generator = VariationGenerator(FakePipeline(), name="fake")
+    pixels = load_image(rgb_image)
+    b = tiny_backbone
+    DiffusionViews(generator, tmp_path).ensure(source_pixels(pixels, b.image_size, b.mean, b.std), 4)
+    adapter = vlmtta.Adapter(CLASSES, "difftpt", backbone=b, n_views=8, n_generated=4, pipeline=generator,
+                             cache_dir=tmp_path)
+    views = make_views(pixels, adapter.view_config, seed=0)
+    shifted = views.clone()
+    shifted[0] += 1 / 255 / torch.tensor(b.std).view(3, 1, 1)  # one grey level brighter: another key from view 0
+    adapter.adapt_views(shifted, pixels)
+    assert adapter.method.diffusion.generated == 0  # served from the cache
+    adapter.adapt_views(shifted)  # views alone: keyed by view 0, which is not cached
+    assert adapter.method.diffusion.generated == 4

@@ -111,11 +111,14 @@ class Adapter:
         start = time.perf_counter()
         pixels = load_image(image).to(self.backbone.device)
         views = make_views(pixels, self.view_config, seed=view_seed(self.seed, self.steps))
-        return self._prediction(self.adapt_views(views), time.perf_counter() - start)
+        return self._prediction(self.adapt_views(views, pixels), time.perf_counter() - start)
 
-    def adapt_views(self, views: torch.Tensor) -> torch.Tensor:
-        """Class probabilities [C] for one image's preprocessed views [N, 3, S, S] (view 0 = original)."""
+    def adapt_views(self, views: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """Class probabilities [C] for one image's preprocessed views [N, 3, S, S] (view 0 = original);
+        ``source``: the uint8 image [3, H, W] they were made from, for methods that use it (DiffTPT)."""
         with self._lock:
+            if source is not None:
+                self.method.observe_source(source)
             if Need.VIEW_FEATURES in self.method.needs:
                 return self._adapt(lambda: self.method.predict_features(self.backbone.encode_images(views)))
             return self._adapt(lambda: self.method.predict_views(views))

@@ -100,6 +100,40 @@ def _validate_source(model: str, pretrained: str | None) -> None:
                          "a path to a local checkpoint file, or None for random weights.")
 
 
+_AUTOCAST_CAST_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def precast_autocast_weights(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> int:
+    """Store once, in ``dtype``, the frozen weights that autocast would cast to ``dtype`` on every call.
+
+    Autocast caches casts only for weights that require grad, so a frozen model under autocast
+    copies every Linear/Conv weight (and MultiheadAttention input projection) to fp16 at every
+    forward: one extra kernel and a full read + write per weight.  Storing them in ``dtype``
+    beforehand gives bit-identical outputs under ``torch.autocast(dtype=dtype)`` (the cast of an
+    fp32 weight is exactly the stored value), halves their memory and removes those kernels.
+    Norm layers, embeddings and projections stay as they are.  Only for models that always run
+    under that autocast (``FrozenCLIP`` on CUDA).  open_clip's ``get_cast_dtype`` keeps reporting
+    the original dtype (through its ``int8_original_dtype`` hook), so token embeddings and the
+    residual stream keep their precision.  Returns the number of tensors converted.
+    """
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, _AUTOCAST_CAST_MODULES):
+            names = ("weight", "bias")
+        elif isinstance(module, torch.nn.MultiheadAttention) and module.in_proj_weight is not None:
+            names = ("in_proj_weight", "in_proj_bias")
+        else:
+            continue
+        if isinstance(module, torch.nn.Linear) and not hasattr(module, "int8_original_dtype"):
+            module.int8_original_dtype = module.weight.dtype  # read by open_clip's get_cast_dtype
+        for name in names:
+            tensor = getattr(module, name, None)
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
+                converted += 1
+    return converted
+
+
 def _weights_fingerprint(model: torch.nn.Module, skip_prefix: str = "visual.") -> str:
     """Cheap digest of the text-side weights (strided samples of every tensor) for cache keys."""
     digest = hashlib.sha256()
@@ -152,6 +186,8 @@ class FrozenCLIP:
         self.counters: Counter[str] = Counter()
         self.identity = cache_key(model, pretrained, self.quick_gelu, self.precision,
                                   _weights_fingerprint(self.model))[:24]
+        if self.device.type == "cuda":
+            precast_autocast_weights(self.model, torch.float16)
         self._lock = threading.RLock()
 
     def _create(self, model: str, pretrained: str | None, quick_gelu: bool, weights_dir: str | None,

@@ -201,7 +201,7 @@ class _Source:
 
         def predict(i: int) -> torch.Tensor:  # methods that need the images themselves
             pixels = load_image(self.split.paths[i]).to(self.backbone.device)
-            return adapter.adapt_views(make_views(pixels, config, seed=view_seed(seed, name, i)))
+            return adapter.adapt_views(make_views(pixels, config, seed=view_seed(seed, name, i)), pixels)
 
         return predict, {"views_from": "images (encoded per method)"}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -178,7 +179,8 @@ class DiffusionViews:
             return torch.empty(0, *pixels.shape, dtype=torch.uint8)
         self.ensure(pixels, count, seed)
         folder = self.folder(pixels, seed)
-        return torch.stack([_from_pil(Image.open(folder / f"{k:04d}.png")) for k in range(count)])
+        with ThreadPoolExecutor(min(count, os.cpu_count() or 1)) as pool:  # PNG decoding releases the GIL
+            return torch.stack(list(pool.map(lambda k: _from_pil(Image.open(folder / f"{k:04d}.png")), range(count))))
 
     def ensure(self, pixels: torch.Tensor, count: int, seed: int = 0) -> int:
         """Generate and store the missing ones of the first ``count`` variations; returns how many were made."""

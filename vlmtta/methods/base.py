@@ -121,6 +121,12 @@ class Method:
         """Forget all adaptation state (per image for episodic methods, per stream for online ones)."""
 
     # ---- prediction -----------------------------------------------------------------------------
+    def observe_source(self, pixels: torch.Tensor) -> None:
+        """See the test image itself (uint8 [3, H, W], any device) before ``predict_views`` gets its views.
+
+        Default: nothing.  DiffTPT keys its generated-image cache on it (independent of the device
+        the views are made on)."""
+
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         """Class probabilities [C] from the L2-normalised features [N, D] of one image's views (view 0 = original)."""
         raise NotImplementedError(f"{self.name} does not run on view features alone")

@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..entropy import select_confident
 from ..generation import (DEFAULT_GUIDANCE, DEFAULT_PIPELINE, DEFAULT_REVISION, DEFAULT_STEPS, DiffusionViews,
-                          VariationGenerator, view_pixels)
+                          VariationGenerator, source_pixels, view_pixels)
 from ..prompt_learner import DEFAULT_CTX_INIT
 from .base import Context, register
 from .tpt import TPT
@@ -46,7 +46,11 @@ class DiffTPT(TPT):
         generated views; ``"all"`` (code): it runs over all augmented views (conventional and
         generated) before the entropy selection.
     Generation is fed the original test view (resize + center crop to the CLIP input size),
-    which is what the default pipeline's own CLIP preprocessing makes of the image anyway.
+    which is what the default pipeline's own CLIP preprocessing makes of the image anyway.  That
+    view is made on the CPU from the test image (``observe_source``), so the cache key and the
+    generator's input do not depend on the device the run uses (GPU and CPU resizing differ by a
+    grey level here and there): a cache pre-generated on one machine serves runs on any other.
+    Called with views alone (``Adapter.adapt_views(views)``), the key comes from view 0.
 
     Args (besides TPT's): n_generated (63), cosine_ratio, cosine_on, cosine_scope, pipeline (hub
     id, local folder, diffusers pipeline object or ``VariationGenerator``), revision,
@@ -83,6 +87,7 @@ class DiffTPT(TPT):
             pipeline, revision, self.guidance_scale, self.inference_steps)
         self.diffusion = DiffusionViews(generator, cache_dir)
         self._n_conventional = n_views
+        self._source: torch.Tensor | None = None  # generation source of the current image (uint8, CPU)
 
     def bind(self, context: Context) -> None:
         backbone = context.require_backbone(self.name)
@@ -90,10 +95,16 @@ class DiffTPT(TPT):
             self.diffusion.generator.device = str(backbone.device)
         super().bind(context)
 
+    def observe_source(self, pixels: torch.Tensor) -> None:
+        backbone = self.context.require_backbone(self.name)
+        self._source = source_pixels(pixels.cpu(), backbone.image_size, backbone.mean, backbone.std)
+
     def generated_views(self, original: torch.Tensor) -> torch.Tensor:
         """The ``n_generated`` variations of the original view [3, S, S], preprocessed like it, on its device."""
         backbone = self.context.backbone
-        pixels = view_pixels(original, backbone.mean, backbone.std)
+        pixels, self._source = self._source, None
+        if pixels is None:
+            pixels = view_pixels(original, backbone.mean, backbone.std)
         images = self.diffusion.get(pixels, self.n_generated, self.generation_seed)
         return preprocess(images.to(original.device), original.shape[-1], backbone.mean, backbone.std)
 
