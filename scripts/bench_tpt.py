@@ -77,8 +77,8 @@ def compare(a: Adapter, b: Adapter, n: int) -> dict[str, float]:
 
 
 def time_adapter(adapter: Adapter, device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
-    seconds, peak = _time(lambda i: adapter.step(test_image(i)), device, repeats, warmup)
-    return {"latency_ms": 1000 * seconds, "peak_mem_mb": peak}
+    seconds, memory = _time(lambda i: adapter.step(test_image(i)), device, repeats, warmup)
+    return {"latency_ms": 1000 * seconds, **memory}
 
 
 def bench_classes(backbone, name: str, n_classes: int, args, extra: dict[str, Any] | None = None) -> list[dict]:
@@ -178,12 +178,13 @@ def format_table(result: dict[str, Any]) -> str:
     p = result["protocol"]
     lines = [f"{p['model']} ({p['pretrained'] or 'random weights'}), {p['device']} {p['precision']} {p['gpu'] or ''}, "
              f"{p['n_views']} views, median of {p['repeats']}, torch {p['torch']}", "",
-             "| method | impl | classes | latency (ms) | peak mem (MB) | speed-up | max abs dp | top-1 agree |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | impl | classes | latency (ms) | step mem (MB) | total mem (MB) | speed-up | max abs dp "
+             "| top-1 agree |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         cell = lambda key, fmt: format(r[key], fmt) if key in r else ""  # noqa: E731
         lines.append(f"| {r['method']} | {r['impl']} | {r['n_classes']} | {r['latency_ms']:.1f} | "
-                     f"{cell('peak_mem_mb', '.0f')} | {cell('speedup', '.2f')} | {cell('max_abs_prob_diff', '.1e')} | "
+                     f"{cell('peak_mem_mb', '.0f')} | {cell('total_mem_mb', '.0f')} | {cell('speedup', '.2f')} | "
+                     f"{cell('max_abs_prob_diff', '.1e')} | "
                      f"{cell('top1_agreement', '.2f')} |")
     return "\n".join(lines)
 

@@ -128,3 +128,20 @@ def test_rank_on_real_vit_b16_text_classifiers():
     ranks = {name: spectral_basis(t.float()).shape[1] for name, t in classifiers.items()
              if name in ("ImageNet", "EuroSAT", "ImageNetA")}
     assert ranks == {"ImageNet": 114, "EuroSAT": 3, "ImageNetA": 33}  # scripts/sts_rank.py
+
+
+def test_predict_from_the_confident_views_and_squared_penalty():
+    adapter, views = setup(k_t=6, predict="confident")
+    sts = adapter.method
+    kept = views[select_confident(sts.logits(views, sts.text), 0.1)]
+    gamma = sts.adapt(kept)
+    expected = sts.steered_logits(kept, gamma).softmax(-1).mean(0)
+    assert torch.allclose(adapter.adapt_features(views), expected, atol=1e-6)
+    squared, _ = setup(k_t=6, penalty="squared", lambda_reg=3.0)
+    delta = squared.method.basis @ torch.full((6,), 0.1)
+    gamma = torch.full((6,), 0.1)
+    plain_loss = marginal_entropy(squared.method.steered_logits(kept, gamma))
+    assert torch.isclose(squared.method.loss(kept, gamma), plain_loss + 3.0 * delta.square().sum(), atol=1e-6)
+    for option in ("penalty", "predict"):
+        with pytest.raises(ValueError, match=option):
+            create_method("sts", **{option: "other"})

@@ -91,7 +91,7 @@ def test_condensation_reduces_tokens_and_anchors_join(tiny_backbone):
 
 
 def test_options_and_defaults():
-    assert tca.TCA.options_for("eurosat")["reservoir_size"] == 2
+    assert tca.TCA.options_for("eurosat") == {"reservoir_size": 2, "scale": 5.0, "lambd": 8.0, "beta": 7.0}
     assert tca.TCA.options_for("imagenet_a", keep_ratio=0.7) == {"reservoir_size": 3, "keep_ratio": 0.7}
     assert tca.TCA.info()["protocol"] == "online"
     with pytest.raises(ValueError, match="keep_ratio"):

@@ -11,6 +11,8 @@ from ..entropy import check_confidence, confidence_scores, confident_count, marg
 from .base import Context, Method, register
 
 STEER_TARGETS = ("text", "image")
+PREDICT_FROM = ("original", "confident")
+PENALTIES = ("l2", "squared")
 
 
 @register
@@ -39,6 +41,11 @@ class STS(Method):
       not recovered: ``lambda_reg`` = 1.0 is a placeholder.  With the default single step from
       ``gamma = 0`` it has no effect at all (the gradient of ``||Delta||`` vanishes at 0, and so does
       AdamW's decoupled weight decay); it matters only with ``steps > 1``.
+    * ``penalty="squared"`` uses ``lambda_reg * ||Delta||_2^2`` (two secondary summaries write the
+      square; the paper note quoted in METHODS.md writes the plain norm, the default).
+    * ``predict="confident"`` predicts the mean softmax of the kept views under the steered
+      prototypes (what two secondary summaries describe) instead of the steered original view
+      (TPT's rule, the default).  Neither is confirmed by the paper text.
     * ``steer="image"`` adds Delta to the image features instead of the prototypes (an
       alternative reading of "steer latent representations"; not the default).
     * ``confidence="tsallis"`` with ``q`` ranks the views by Tsallis entropy (TE) instead.
@@ -55,16 +62,19 @@ class STS(Method):
 
     def __init__(self, n_views: int = 64, augmentation: str = "rrc_flip", lr: float = 5e-3, steps: int = 1,
                  ratio: float = 0.1, lambda_reg: float = 1.0, k_t: int | None = None, steer: str = "text",
-                 confidence: str = "shannon", q: float = 1.0):
+                 confidence: str = "shannon", q: float = 1.0, penalty: str = "l2", predict: str = "original"):
         super().__init__(n_views=n_views, augmentation=augmentation)
         confident_count(self.n_views, ratio)
         check_confidence(confidence, q)
-        if steer not in STEER_TARGETS:
-            raise ValueError(f"sts: unknown steer {steer!r}; accepted: {', '.join(STEER_TARGETS)}.")
+        for option, value, accepted in (("steer", steer, STEER_TARGETS), ("penalty", penalty, PENALTIES),
+                                        ("predict", predict, PREDICT_FROM)):
+            if value not in accepted:
+                raise ValueError(f"sts: unknown {option} {value!r}; accepted: {', '.join(accepted)}.")
         if not (lr > 0 and int(steps) >= 0 and lambda_reg >= 0) or (k_t is not None and int(k_t) < 1):
             raise ValueError("sts: need lr > 0, steps >= 0, lambda_reg >= 0 and k_t >= 1 (or None).")
         self.lr, self.steps, self.ratio, self.lambda_reg = float(lr), int(steps), float(ratio), float(lambda_reg)
         self.k_t, self.steer, self.confidence, self.q = None if k_t is None else int(k_t), steer, confidence, float(q)
+        self.penalty, self.predict = penalty, predict
         self.basis: torch.Tensor | None = None
         self.basis_rank = 0
 
@@ -82,7 +92,8 @@ class STS(Method):
             kept = features[select_confident(logits, self.ratio, confidence_scores(logits, self.confidence, self.q))]
             gamma = self.adapt(kept)
             with torch.no_grad():
-                return self.steered_logits(features[:1], gamma)[0].softmax(dim=-1)
+                rows = features[:1] if self.predict == "original" else kept
+                return self.steered_logits(rows, gamma).softmax(dim=-1).mean(dim=0)
 
     def adapt(self, kept: torch.Tensor) -> torch.Tensor:
         """The steering coefficients [k_t] after ``steps`` AdamW steps on the views ``kept``."""
@@ -97,8 +108,10 @@ class STS(Method):
         return gamma.detach()
 
     def loss(self, kept: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """Marginal entropy of the steered predictions of ``kept`` plus ``lambda_reg * ||B_T gamma||``."""
+        """Marginal entropy of the steered predictions of ``kept`` plus ``lambda_reg * ||B_T gamma||`` (or its square)."""
         penalty = torch.linalg.vector_norm(self.basis @ gamma)
+        if self.penalty == "squared":
+            penalty = penalty.square()
         return marginal_entropy(self.steered_logits(kept, gamma)) + self.lambda_reg * penalty
 
     def steered_logits(self, features: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
