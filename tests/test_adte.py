@@ -74,19 +74,19 @@ def test_warmup_uses_shannon_then_adaptive_q_and_label_adjustment():
     probs = adapter.adapt_features(views)  # its entry is the 3rd: debiasing starts with this image, as in the code
     assert method.memory.count == 3
     log_pi = method.memory.log_stationary()
-    scores = adte_entropy(logits, class_q(log_pi))
+    scores = adte_entropy(logits, class_q(log_pi), "code")  # the default form: the official code's
     expected = (logits[scores.argsort()[:2]] - log_pi).softmax(-1).mean(0)
     assert torch.allclose(probs, expected, atol=1e-6)
     method.reset()
     assert method.memory.count == 0 and method.protocol == "online"
 
 
-def test_label_adjustment_and_code_form_options():
-    plain, g = make(warmup=0, label_adjust=False, entropy_form="code", n_views=20)
+def test_label_adjustment_and_tsallis_form_options():
+    plain, g = make(warmup=0, label_adjust=False, entropy_form="tsallis", n_views=20)
     views = views_near(plain, 1, g)
     logits = 10 * views @ plain.method.context.text_features.t()
     probs = plain.adapt_features(views)  # the memory has this image's entry already
-    scores = adte_entropy(logits, class_q(plain.method.memory.log_stationary()), "code")
+    scores = adte_entropy(logits, class_q(plain.method.memory.log_stationary()), "tsallis")
     assert torch.allclose(probs, logits[scores.argsort()[:2]].softmax(-1).mean(0), atol=1e-6)
 
 
@@ -112,6 +112,7 @@ def test_validation_and_defaults():
     defaults = create_method("adte").hyperparameters()
     assert defaults["ratio"] == 0.1 and defaults["warmup"] == 100 and defaults["q_range"] == (0.01, 0.9)
     assert defaults["bias"] == "online" and create_method("adte").episodic is False and create_method("te").episodic
+    assert defaults["entropy_form"] == "code" and defaults["label_adjust"] is True
     with pytest.raises(ValueError, match="entropy_form"):
         create_method("adte", entropy_form="paper")
     with pytest.raises(ValueError, match="q_range"):

@@ -60,10 +60,14 @@ class ADTE(Method):
       ``load_bias(log_pi)``, with ``log_pi`` from ``estimate_log_bias`` over the test set's
       view-mean logits.  The mode appears in ``hyperparameters()``: report such results as
       transductive.  (The code's online path sets the bias but never its ``q_l``; here it does.)
-    * ``entropy_form="tsallis"``: ``sum_l (p_l - p_l^q_l) / (q_l - 1)``, which is Tsallis entropy
-      for equal ``q_l``; ``"code"``: the code's ``sum_l p_l^q_l / (1 - q_l)``.
-    * ``label_adjust``: the abstract's label adjustment.  The code's default path returns the
-      unadjusted marginal (``label_adjust=False``).
+    * ``entropy_form="code"`` (default): the official code's ``sum_l p_l^q_l / (1 - q_l)``, the only
+      formula for which there is evidence (the README labels it "Adaptive Debiasing Tsallis
+      Entropy").  It equals ``"tsallis"`` plus ``sum_l p_l / (1 - q_l)``, a term that ranks views with
+      mass on frequent (high-q) classes as less confident: most of the debiasing.  ``"tsallis"``:
+      ``sum_l (p_l - p_l^q_l) / (q_l - 1)``, which is Tsallis entropy for equal ``q_l``.
+    * ``label_adjust`` (default on): the label adjustment the paper's abstract integrates with
+      (``l - log pi`` on the kept views, as the code's earlier ``zero copy.py``).  The released
+      code's default path returns the unadjusted marginal (``label_adjust=False``).
     """
 
     name = "adte"
@@ -74,7 +78,7 @@ class ADTE(Method):
     def __init__(self, n_views: int = 64, augmentation: str = "rrc_flip", ratio: float = 0.1,
                  memory_size: int = 10, margin: float = 1.0, warmup: int = 100,
                  q_range: tuple[float, float] = (0.01, 0.9), label_adjust: bool = True,
-                 entropy_form: str = "tsallis", bias: str = "online"):
+                 entropy_form: str = "code", bias: str = "online"):
         super().__init__(n_views=n_views, augmentation=augmentation)
         confident_count(self.n_views, ratio)
         if entropy_form not in ADTE_FORMS or bias not in BIAS_MODES:
