@@ -8,15 +8,15 @@ from typing import Any, Iterable
 
 import torch
 
-from .backbone import FrozenCLIP, load_backbone
-from .images import ImageInput, load_image
+from .backbone import AUTO_WEIGHTS, FrozenCLIP, load_backbone
+from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .methods import Context, Need, create_method
 from .prompts import parse_classes, resolve_templates
 from .views import make_views, original_view, view_seed
 
 DEFAULT_METHOD = "sts"
 DEFAULT_MODEL = "ViT-B-16"
-DEFAULT_PRETRAINED = "openai"
+DEFAULT_PRETRAINED = AUTO_WEIGHTS  # openai for architecture names; local-dir:/testbed models use their own
 
 
 @dataclass
@@ -49,7 +49,9 @@ class Adapter:
             default, else ``"a photo of a {}."``.
         seed: seed of the augmented views.
         backbone: an existing ``FrozenCLIP`` to use instead of ``model``/``pretrained``/``device``.
-        top_k: how many classes ``Prediction.top`` lists.
+        top_k: how many classes ``Prediction.top`` lists (at least 1).
+        max_pixels: images with more pixels are downscaled to that many (aspect ratio kept) before their
+            views are made; ``None``: never.
         **method_options: the method's hyperparameters (its constructor arguments).
     """
 
@@ -65,9 +67,11 @@ class Adapter:
         seed: int = 0,
         backbone: FrozenCLIP | None = None,
         top_k: int = 5,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         **method_options: Any,
     ):
         self.classes = parse_classes(classes)
+        self.max_pixels = _check_max_pixels(max_pixels)
         self.method = create_method(method, **method_options)
         self.templates = resolve_templates(templates if templates is not None else self.method.default_templates)
         self.backbone = backbone if backbone is not None else load_backbone(model, pretrained, device)
@@ -87,7 +91,7 @@ class Adapter:
         inference does.  Only methods that need nothing but view features can run.
         """
         self = cls.__new__(cls)
-        self.classes = parse_classes(classes)
+        self.classes, self.max_pixels = parse_classes(classes), None
         if text_features.ndim != 2 or text_features.shape[0] != len(self.classes):
             raise ValueError(f"text_features must be [C, D] with C = {len(self.classes)} classes, "
                              f"got {tuple(text_features.shape)}.")
@@ -100,6 +104,8 @@ class Adapter:
         return self
 
     def _bind(self, context: Context, seed: int, top_k: int) -> None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a whole number of classes, at least 1; got {top_k!r}.")
         self.seed, self.top_k, self.steps = int(seed), int(top_k), 0
         self.method.bind(context)
         self._lock = threading.Lock()
@@ -109,7 +115,7 @@ class Adapter:
         if self.backbone is None:
             raise ValueError("This adapter runs on precomputed features: call step_features(features).")
         start = time.perf_counter()
-        pixels = load_image(image).to(self.backbone.device)
+        pixels = load_image(image, self.max_pixels).to(self.backbone.device)
         views = make_views(pixels, self.view_config, seed=view_seed(self.seed, self.steps))
         return self._prediction(self.adapt_views(views, pixels), time.perf_counter() - start)
 
@@ -133,8 +139,8 @@ class Adapter:
         if self.backbone is None:
             raise ValueError("step_batch needs images and a backbone; this adapter runs on precomputed features.")
         start, config = time.perf_counter(), self.view_config
-        batch = torch.cat([original_view(load_image(image).to(self.backbone.device), config.image_size, config.mean,
-                                         config.std) for image in images])
+        pixels = [load_image(image, self.max_pixels).to(self.backbone.device) for image in images]
+        batch = torch.cat([original_view(image, config.image_size, config.mean, config.std) for image in pixels])
         with self._lock:
             probs = self.method.predict_batch(batch).detach().float().cpu()
             self.steps += len(probs)
@@ -171,7 +177,8 @@ class Adapter:
     def protocol(self) -> dict[str, Any]:
         """Backbone, templates, views and hyperparameters: what a reported number depends on."""
         views = {} if self.view_config is None else {"n_views": self.view_config.n_views,
-                                                     "augmentation": self.view_config.policy}
+                                                     "augmentation": self.view_config.policy,
+                                                     "max_pixels": self.max_pixels}
         if self.method.context.logits_dtype != torch.float32:
             views["logits_dtype"] = str(self.method.context.logits_dtype).replace("torch.", "")
         backbone = {"model": None, "features": "precomputed"} if self.backbone is None else self.backbone.describe()
@@ -199,6 +206,7 @@ def predict(
     device: str | torch.device = "auto",
     seed: int = 0,
     top_k: int = 5,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     **method_options: Any,
 ) -> Prediction:
     """Classify one image among ``classes`` with test-time adaptation ``method``.
@@ -212,5 +220,11 @@ def predict(
         'dog'
     """
     adapter = Adapter(classes, method, model=model, pretrained=pretrained, templates=templates,
-                      device=device, seed=seed, top_k=top_k, **method_options)
+                      device=device, seed=seed, top_k=top_k, max_pixels=max_pixels, **method_options)
     return adapter.step(image)
+
+
+def _check_max_pixels(max_pixels: int | None) -> int | None:
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ValueError(f"max_pixels must be a whole number of pixels, at least 1, or None; got {max_pixels!r}.")
+    return max_pixels

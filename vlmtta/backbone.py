@@ -10,13 +10,16 @@ import contextlib
 import difflib
 import hashlib
 import logging
+import os
 import re
+import socket
 import threading
 import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -30,8 +33,13 @@ from .text import TextTower, encode_tokens
 log = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS = (None, "", "none", "random")
-# Shipped models: name -> (local-dir spec, weights tag); ``pretrained`` is ignored for them.
+AUTO_WEIGHTS = "auto"  # the default ``pretrained``: see ``resolve_weights``
+DEFAULT_TAG = "openai"  # what ``auto`` means for an open_clip architecture name
+# Shipped models: name -> (local-dir spec, weights label); they carry their own weights.
 MODEL_ALIASES = {"vlmtta-testbed": (f"local-dir:{Path(__file__).resolve().parent / 'testbed' / 'model'}", "testbed")}
+WEIGHT_SUFFIXES = ("*.safetensors", "*.bin", "*.pth")
+OFFLINE_HINT = ("pass a local checkpoint file as pretrained (--pretrained /path/open_clip_pytorch_model.bin), a "
+                "'local-dir:/folder' model, or the bundled offline model 'vlmtta-testbed' (--model vlmtta-testbed)")
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 
 
@@ -80,12 +88,102 @@ def wants_quick_gelu(model: str, pretrained: str | None) -> bool:
     return Path(pretrained).is_file() and _is_torchscript_archive(pretrained)
 
 
+def resolve_weights(model: str, pretrained: str | None = AUTO_WEIGHTS) -> tuple[str, str | None, str | None]:
+    """(open_clip model name, open_clip ``pretrained``, label of the weights) for a user's ``model``/``pretrained``.
+
+    ``pretrained`` applies to open_clip architecture names: a tag, a checkpoint file, ``none`` for random
+    weights, or ``auto`` (the default) for ``openai``.  ``local-dir:``, ``hf-hub:`` and ``vlmtta-testbed``
+    carry their own weights: ``pretrained`` must stay ``auto`` or ``none`` (anything else is an error, not
+    ignored), and a ``local-dir:`` folder without a weights file is an error unless ``pretrained`` is
+    ``none`` (then it runs on random weights).  The label is what results report: the tag or file, the
+    weights file of a ``local-dir:`` folder, ``testbed``, ``hf-hub``, or ``None`` for random weights.
+    """
+    random = pretrained in RANDOM_WEIGHTS or str(pretrained).lower() in ("none", "random")
+    source, label = MODEL_ALIASES.get(model, (model, None))
+    if ":" not in source:  # an open_clip architecture name
+        tag = None if random else DEFAULT_TAG if pretrained == AUTO_WEIGHTS else str(pretrained)
+        return source, tag, tag
+    if not random and pretrained != AUTO_WEIGHTS:
+        raise ValueError(f"pretrained={pretrained!r} does not apply to {model!r}: it carries its own weights. Leave "
+                         "pretrained at 'auto' (the default), or pass 'none'.")
+    if source.startswith("hf-hub:"):
+        return source, None, "hf-hub"
+    if source.startswith("local-dir:"):
+        folder = Path(source.split(":", 1)[1]).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"'{source}': expected a folder holding open_clip_config.json (and a weights file).")
+        weights = sorted(path.name for pattern in WEIGHT_SUFFIXES for path in folder.glob(pattern))
+        if not weights and not random:
+            raise FileNotFoundError(f"'{source}' holds no weights file ({', '.join(WEIGHT_SUFFIXES)}); add one, or "
+                                    "pass pretrained='none' to run it on random weights.")
+        return source, None, label or (_chosen_weights(folder) if weights else None)
+    return source, None, label
+
+
+def _chosen_weights(folder: Path) -> str:
+    """The name of the weights file open_clip loads from a ``local-dir:`` folder."""
+    find = getattr(open_clip.factory, "_find_checkpoint_in_dir", None)
+    chosen = find(folder) if find is not None else None
+    return Path(chosen).name if chosen else sorted(p.name for s in WEIGHT_SUFFIXES for p in folder.glob(s))[0]
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    """True when huggingface_hub is set offline (``HF_HUB_OFFLINE``) or its endpoint cannot be reached at once."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return not _reachable(os.environ.get("HF_ENDPOINT", hub.ENDPOINT or "https://huggingface.co"))
+
+
+@contextlib.contextmanager
+def _hub_access(model: str, pretrained: str | None) -> Iterator[None]:
+    """Fetch weights from the hub; offline, use its cache only and fail at once with what to do instead.
+
+    Without this, huggingface_hub retries an unreachable hub for about a minute before failing.
+    """
+    needs_hub = model.startswith("hf-hub:") or (
+        ":" not in model and pretrained is not None and not Path(pretrained).expanduser().is_file())
+    if not needs_hub or not _offline():
+        yield
+        return
+    import huggingface_hub.constants as hub
+
+    root, quiet = logging.getLogger(), _DropOpenClipRecords()  # open_clip logs its own error; ours replaces it
+    previous, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    root.addFilter(quiet)
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as error:
+        weights = model if pretrained is None else f"{pretrained!r} for {model}"
+        raise WeightsUnavailable(f"Cannot load weights {weights}: no network (or HF_HUB_OFFLINE is set) and they are "
+                                 f"not in the local cache; {OFFLINE_HINT}.") from error
+    finally:
+        hub.HF_HUB_OFFLINE = previous
+        root.removeFilter(quiet)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights cannot be had here (offline and not cached)."""
+
+
+class _DropOpenClipRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "open_clip" not in record.pathname
+
+
 def _validate_source(model: str, pretrained: str | None) -> None:
     if model.startswith("local-dir:"):
-        folder = Path(model.split(":", 1)[1]).expanduser()
-        if not (folder / "open_clip_config.json").is_file():
-            raise FileNotFoundError(f"'{model}': expected a folder holding open_clip_config.json (and a weights file).")
-        return
+        return  # checked by resolve_weights
     if model.startswith("hf-hub:"):
         return
     if model not in open_clip.list_models():
@@ -150,9 +248,11 @@ class FrozenCLIP:
     """A frozen open_clip model plus tokenizer, preprocessing constants, device and embedding caches.
 
     Args:
-        model: open_clip architecture (``ViT-B-16``), ``local-dir:/folder`` or ``hf-hub:org/repo``.
-        pretrained: weights tag (``openai``, ``laion2b_s34b_b88k``, ...), a local checkpoint file,
-            or ``None`` for random weights (benchmarks and tests).
+        model: open_clip architecture (``ViT-B-16``), ``local-dir:/folder``, ``hf-hub:org/repo`` or
+            ``vlmtta-testbed``.
+        pretrained: ``auto`` (``openai`` for architecture names; the model's own weights otherwise), a
+            weights tag (``openai``, ``laion2b_s34b_b88k``, ...), a local checkpoint file, or ``None`` /
+            ``"none"`` for random weights (benchmarks and tests); see ``resolve_weights``.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         quick_gelu: force QuickGELU on/off; ``None`` infers it from the weights (OpenAI weights need it).
         cache_dir: folder for the on-disk text-embedding cache (memory only when ``None``).
@@ -163,7 +263,7 @@ class FrozenCLIP:
     def __init__(
         self,
         model: str = "ViT-B-16",
-        pretrained: str | None = "openai",
+        pretrained: str | None = AUTO_WEIGHTS,
         device: str | torch.device = "auto",
         *,
         quick_gelu: bool | None = None,
@@ -171,10 +271,8 @@ class FrozenCLIP:
         weights_dir: str | None = None,
         init_seed: int = 0,
     ):
-        source, pretrained = MODEL_ALIASES.get(model, (model, pretrained))
-        pretrained = None if pretrained in RANDOM_WEIGHTS else str(pretrained)
+        source, pretrained, self.pretrained = resolve_weights(model, pretrained)
         self.model_name = model
-        self.pretrained = pretrained
         self.device = resolve_device(device)
         _validate_source(source, pretrained)
         force_quick_gelu = wants_quick_gelu(source, pretrained) if quick_gelu is None else quick_gelu
@@ -184,7 +282,7 @@ class FrozenCLIP:
         self.text_tower = TextTower.of(self.model)
         self.text_cache = EmbeddingCache(cache_dir)
         self.counters: Counter[str] = Counter()
-        self.identity = cache_key(model, pretrained, self.quick_gelu, self.precision,
+        self.identity = cache_key(model, self.pretrained, self.quick_gelu, self.precision,
                                   _weights_fingerprint(self.model))[:24]
         if self.device.type == "cuda":
             precast_autocast_weights(self.model, torch.float16)
@@ -195,13 +293,15 @@ class FrozenCLIP:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             try:
-                source = None if ":" in model else pretrained
-                clip = open_clip.create_model(model, pretrained=source, force_quick_gelu=quick_gelu,
-                                              cache_dir=weights_dir)
+                with _hub_access(model, pretrained):
+                    clip = open_clip.create_model(model, pretrained=pretrained, force_quick_gelu=quick_gelu,
+                                                  cache_dir=weights_dir)
+            except WeightsUnavailable:
+                raise
             except RuntimeError as error:
                 if "download" in str(error).lower() or "hub" in str(error).lower():
                     raise RuntimeError(f"Could not fetch weights {pretrained!r} for {model} ({error}). Offline? "
-                                       "Pass a local checkpoint file as `pretrained`, or 'local-dir:/folder'.") from error
+                                       f"{OFFLINE_HINT[0].upper()}{OFFLINE_HINT[1:]}.") from error
                 raise
         clip.requires_grad_(False)
         return clip.eval().to(self.device)
@@ -325,11 +425,10 @@ _BACKBONES: dict[tuple, FrozenCLIP] = {}
 _BACKBONES_LOCK = threading.Lock()
 
 
-def load_backbone(model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "auto",
+def load_backbone(model: str = "ViT-B-16", pretrained: str | None = AUTO_WEIGHTS, device: str | torch.device = "auto",
                   **options: Any) -> FrozenCLIP:
-    """A shared ``FrozenCLIP``: built once per (model, pretrained, device, options) and reused."""
-    key = (model, None if pretrained in RANDOM_WEIGHTS else str(pretrained), str(resolve_device(device)),
-           tuple(sorted(options.items())))
+    """A shared ``FrozenCLIP``: built once per (model, weights, device, options) and reused."""
+    key = (model, resolve_weights(model, pretrained)[2], str(resolve_device(device)), tuple(sorted(options.items())))
     with _BACKBONES_LOCK:
         if key not in _BACKBONES:
             _BACKBONES[key] = FrozenCLIP(model, pretrained, device, **options)

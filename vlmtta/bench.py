@@ -57,7 +57,7 @@ class BenchSpec:
     features: Path | None = None
     splits_dir: Path | None = None
     model: str = "ViT-B-16"
-    pretrained: str | None = "openai"
+    pretrained: str | None = "auto"  # see vlmtta.backbone.resolve_weights
     device: str = "auto"
     templates: str | None = None  # default: the method's own, else TDA's per-dataset set
     seed: int = 0

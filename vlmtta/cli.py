@@ -33,10 +33,12 @@ def _classes(text: str) -> str | list[str]:
     return text
 
 
-def _add_backbone_args(parser: argparse.ArgumentParser, pretrained_default: str | None = "openai") -> None:
-    parser.add_argument("--model", default="ViT-B-16", help="open_clip architecture, local-dir:/folder or hf-hub:org/repo")
+def _add_backbone_args(parser: argparse.ArgumentParser, pretrained_default: str | None = "auto") -> None:
+    parser.add_argument("--model", default="ViT-B-16",
+                        help="open_clip architecture, local-dir:/folder, hf-hub:org/repo or vlmtta-testbed")
     parser.add_argument("--pretrained", default=pretrained_default,
-                        help="weights tag, local checkpoint file, or 'none' for random weights (default: %(default)s)")
+                        help="weights tag, local checkpoint file, or 'none' for random weights (default: %(default)s: "
+                             "openai for architectures, the model's own weights for the others)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
 
 

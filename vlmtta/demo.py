@@ -13,24 +13,21 @@ weights some methods adapt in place, serves one request at a time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib.util
 import logging
 import math
 import os
-import socket
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
-from urllib.parse import urlparse
+from typing import Any, Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
 from .api import DEFAULT_MODEL, DEFAULT_PRETRAINED, Adapter
-from .backbone import RANDOM_WEIGHTS, FrozenCLIP, load_backbone
+from .backbone import AUTO_WEIGHTS, DEFAULT_TAG, MODEL_ALIASES, RANDOM_WEIGHTS, FrozenCLIP, load_backbone
 from .images import ImageLoadError
 from .methods import get_method_class, list_methods, method_names
 from .prompts import dataset_classnames, parse_classes
@@ -175,43 +172,13 @@ def examples() -> list[list[str]]:
 
 # ---- model loading --------------------------------------------------------------------------------
 def model_label(model: str, pretrained: str | None) -> str:
+    if pretrained == AUTO_WEIGHTS:  # an architecture's default tag; other models carry their own weights
+        pretrained = DEFAULT_TAG if ":" not in model and model not in MODEL_ALIASES else None
     return model if pretrained in RANDOM_WEIGHTS else f"{model} ({pretrained})"
 
 
-def _needs_hub(model: str, pretrained: str | None) -> bool:
-    if model.startswith("hf-hub:"):
-        return True
-    local = model.startswith("local-dir:") or model == TESTBED[0] or pretrained in RANDOM_WEIGHTS
-    return not local and not Path(str(pretrained)).expanduser().is_file()
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    parsed = urlparse(url)
-    try:
-        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _offline_when_unreachable(model: str, pretrained: str | None) -> Iterator[None]:
-    """Without network, have huggingface_hub use its cache or fail at once instead of retrying for ~90 s."""
-    if not _needs_hub(model, pretrained) or _reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
-        yield
-        return
-    import huggingface_hub.constants as hub
-
-    previous, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = previous
-
-
 def _load(model: str, pretrained: str | None, device: str) -> FrozenCLIP:
-    with _offline_when_unreachable(model, pretrained):
-        return load_backbone(model, pretrained, device)
+    return load_backbone(model, pretrained, device)  # offline, fails at once (see vlmtta.backbone._hub_access)
 
 
 def _short(error: Exception, limit: int = 240) -> str:
