@@ -37,6 +37,7 @@ from .methods import Need, get_method_class
 from .results import result_name, save_result
 from .version import __version__
 from .views import VIEW_POLICIES, make_views, view_seed
+from .writable import ensure_writable_dir
 
 ORDERS = ("shuffled", "sorted", "grouped")
 FAIL_ENV = "VLMTTA_FAIL_AFTER"  # inject a failure after this many streamed images (resume tests)
@@ -44,6 +45,10 @@ FAIL_ENV = "VLMTTA_FAIL_AFTER"  # inject a failure after this many streamed imag
 
 class InjectedFailure(RuntimeError):
     """Raised on purpose after ``fail_after`` images, to test resuming."""
+
+
+class EmptySource(ValueError):
+    """A test split or features file with no samples (an accuracy over 0 images means nothing)."""
 
 
 @dataclass
@@ -224,7 +229,17 @@ def run_bench(spec: BenchSpec, fail_after: int | None = None) -> list[dict[str, 
     """Run every method of ``spec`` on its source; returns the results (finished ones are read, not rerun)."""
     if fail_after is None and os.environ.get(FAIL_ENV):
         fail_after = int(os.environ[FAIL_ENV])
+    for name in ("limit", "checkpoint_every"):
+        if getattr(spec, name) is not None and getattr(spec, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(spec, name)}.")
+    ensure_writable_dir(spec.results_dir, "Results folder")  # before any work, not after it
+    if spec.features is None:
+        ensure_writable_dir(spec.cache_dir or default_cache_dir(), "Cache folder (--cache-dir)")
     source = _Source(spec)
+    if not source.labels:
+        where = f"{source.file.path} holds no samples" if source.file is not None else \
+            f"the test split of {source.name} lists no images ({source.split.folder})"
+        raise EmptySource(f"{where}: nothing to evaluate.")
     order = spec.order or ("sorted" if source.file is not None else "shuffled")
     stream = stream_order(source.labels, order, spec.seed)[:spec.limit]
     return [_run_method(spec, source, method, order, stream, fail_after) for method in spec.methods]

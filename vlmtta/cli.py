@@ -28,9 +28,33 @@ def _option(text: str) -> tuple[str, Any]:
 def _classes(text: str) -> str | list[str]:
     """``@file.txt`` reads one class per line; anything else is passed on (comma list or ``dataset:<key>``)."""
     if text.startswith("@"):
-        with open(text[1:], encoding="utf-8") as handle:
-            return [line.strip() for line in handle if line.strip()]
+        try:
+            with open(text[1:], encoding="utf-8") as handle:
+                return [line.strip() for line in handle if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise argparse.ArgumentTypeError(f"cannot read the class file {text[1:]!r}: {reason}") from None
     return text
+
+
+def _count(minimum: int = 1):
+    """An argparse type: a whole number >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (``vlmtta predict: error: ...``) and exit code 2, as for every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_backbone_args(parser: argparse.ArgumentParser, pretrained_default: str | None = "auto") -> None:
@@ -43,7 +67,7 @@ def _add_backbone_args(parser: argparse.ArgumentParser, pretrained_default: str 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmtta", description="Test-time adaptation for CLIP-style models.")
+    parser = _Parser(prog="vlmtta", description="Test-time adaptation for CLIP-style models.")
     parser.add_argument("--version", action="version", version=f"vlmtta {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -55,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--templates", default=None, help="template set name (e.g. ensemble7, tda:eurosat) or one template with {}")
     _add_backbone_args(predict)
     predict.add_argument("--seed", type=int, default=0)
-    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--top-k", type=_count(), default=5)
+    predict.add_argument("--max-pixels", type=_count(), default=None,
+                         help="downscale larger images to this many pixels before making views (default: 4096x4096)")
     predict.add_argument("--format", choices=FORMATS, default="table")
     predict.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[],
                          metavar="KEY=VALUE", help="method hyperparameter, repeatable (e.g. -o n_views=64)")
@@ -119,9 +145,9 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--results", default="results", help="folder of result JSON files (default: %(default)s)")
     bench.add_argument("--cache-dir", default=None, help="view-feature cache (default: $VLMTTA_CACHE or ~/.cache/vlmtta)")
     bench.add_argument("--tag", default="", help="suffix that keeps runs with other settings apart")
-    bench.add_argument("--limit", type=int, default=None, help="only the first N images of each stream")
-    bench.add_argument("--checkpoint-every", type=int, default=500)
-    bench.add_argument("--workers", type=int, default=2, help="image-loading threads")
+    bench.add_argument("--limit", type=_count(), default=None, help="only the first N images of each stream")
+    bench.add_argument("--checkpoint-every", type=_count(), default=500)
+    bench.add_argument("--workers", type=_count(), default=2, help="image-loading threads")
     bench.add_argument("--force", action="store_true", help="recompute finished results")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--table", choices=("md", "csv"), default=None, help="print the table of --results at the end")
@@ -174,7 +200,9 @@ def _bench_testbed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .testbed.suite import format_table, run_suite
+    from .writable import ensure_writable_dir
 
+    ensure_writable_dir(args.results, "Results folder")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     progress = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
     result = run_suite(methods, args.severity, args.n_per_corruption, args.seed, device=args.device, progress=progress)
@@ -192,8 +220,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generation import VariationGenerator, generate_dataset
+    from .generation import VariationGenerator, default_cache_dir, generate_dataset
+    from .writable import ensure_writable_dir
 
+    ensure_writable_dir(args.cache_dir or default_cache_dir(), "Cache folder")
     generator = VariationGenerator(args.pipeline, args.revision, args.guidance_scale, args.steps, args.device,
                                    args.batch_size)
     stats = generate_dataset(args.images, args.count, args.seed, args.cache_dir, generator, args.image_size,
@@ -204,11 +234,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from .api import DEFAULT_METHOD, Adapter
-    from .images import ImageLoadError
+    from .images import DEFAULT_MAX_PIXELS, ImageLoadError
 
     adapter = Adapter(args.classes, args.method or DEFAULT_METHOD, model=args.model, pretrained=args.pretrained,
                       templates=args.templates, device=args.device, seed=args.seed, top_k=args.top_k,
-                      **dict(args.options))
+                      max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, **dict(args.options))
     results, failed = [], 0
     for path in args.images:
         try:
@@ -253,7 +283,10 @@ def _methods(args: argparse.Namespace) -> int:
 
 def _bench_speed(args: argparse.Namespace) -> int:
     from .speed import format_table, run_speed_benchmark, save_result
+    from .writable import ensure_writable_file
 
+    if args.output:
+        ensure_writable_file(args.output, "Output file")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     result = run_speed_benchmark(args.model, args.pretrained, methods, n_views=args.n_views, n_classes=args.n_classes,
                                  device=args.device, repeats=args.repeats, warmup=args.warmup)
@@ -266,7 +299,7 @@ def _bench_speed(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .bench import BenchSpec, run_bench
+    from .bench import BenchSpec, EmptySource, run_bench
     from .data import DatasetNotFound, parse_datasets
 
     if args.suite == "testbed":
@@ -291,7 +324,7 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             for r in run_bench(BenchSpec(**common, **source)):
                 print(f"{r['dataset']:<16} {r['method']:<14} {r['accuracy']:6.2f} %  ({r['correct']}/{r['n']})")
-        except DatasetNotFound as error:
+        except (DatasetNotFound, EmptySource) as error:
             print(f"vlmtta: skipping: {error}", file=sys.stderr)
             failed += 1
     if args.table:
@@ -308,6 +341,10 @@ def _table(args: argparse.Namespace) -> int:
 
     if not Path(args.results).is_dir():
         raise FileNotFoundError(f"Results folder {args.results} does not exist.")
+    if args.output:
+        from .writable import ensure_writable_file
+
+        ensure_writable_file(args.output, "Output file")
     text = format_tables(load_results(args.results), args.format)
     print(text, end="")
     if args.output:

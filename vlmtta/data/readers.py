@@ -89,9 +89,19 @@ def _coop_split(spec: DatasetSpec, folder: Path, root: Path, splits_dir: str | P
     path = split_file(spec, folder, root, splits_dir)
     try:
         test = json.loads(path.read_text("utf-8"))["test"]
-        return [(folder / spec.image_dir / rel, int(label)) for rel, label, *_ in test]
+        entries = [(str(rel), int(label)) for rel, label, *_ in test]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: expected {{'test': [[relative_path, label, classname], ...]}} ({error}).") from error
+    return [(_inside(folder / spec.image_dir, rel, path), label) for rel, label in entries]
+
+
+def _inside(base: Path, relative: str, index_file: Path) -> Path:
+    """``base / relative``, refusing absolute paths and ``..`` (an index file must not point outside its dataset)."""
+    parts = Path(relative.replace("\\", "/"))
+    if parts.is_absolute() or ".." in parts.parts:
+        raise ValueError(f"{index_file}: entry {relative!r} is an absolute path or contains '..'; split entries "
+                         "must be paths inside the dataset folder.")
+    return base / parts
 
 
 def _aircraft(spec: DatasetSpec, folder: Path) -> list[tuple[Path, int]]:
@@ -106,7 +116,7 @@ def _aircraft(spec: DatasetSpec, folder: Path) -> list[tuple[Path, int]]:
         name, _, variant = line.partition(" ")
         if variant not in index:
             raise ValueError(f"{test_file}: variant {variant!r} of image {name} is not in variants.txt.")
-        pairs.append((folder / spec.image_dir / f"{name}.jpg", index[variant]))
+        pairs.append((_inside(folder / spec.image_dir, f"{name}.jpg", test_file), index[variant]))
     return pairs
 
 
