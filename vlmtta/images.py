@@ -198,7 +198,7 @@ def _to_unit_range(array: torch.Tensor, full_scale: float | None = None) -> torc
         raise ImageLoadError(_range_message(str(array.dtype).replace("torch.", ""), low, high, full_scale, is_float))
     if low < 0 or high > full_scale:
         warnings.warn(f"Pixel values in [{low:g}, {high:g}] lie slightly outside [0, {full_scale:g}]; clipped.",
-                      stacklevel=5)
+                      stacklevel=4)
     return (values / full_scale).clamp(0, 1).float()
 
 
