@@ -33,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 ACCEPTED = "a file path, a PIL image, a numpy array (HxW, HxWx1/3/4) or a tensor (CxHxW or 1xCxHxW, C in 1/3/4)"
 DEFAULT_MAX_PIXELS = 4096 * 4096  # larger images are downscaled to this many pixels before making views
+ORIENTATION_TAG = 0x0112  # EXIF orientation
 FLOAT_TOLERANCE = 0.05  # float pixels within [-tol, 1 + tol] are clipped to [0, 1] (with a warning)
 
 
@@ -83,8 +84,8 @@ def _open(path: Path, max_pixels: int | None) -> Image.Image:
         with Image.open(path) as handle:
             if handle.format == "JPEG":  # decode at a reduced scale (still >= the capped size) when it is huge
                 handle.draft(handle.mode, capped_size(*handle.size, max_pixels))
-            handle.load()
-            return handle.copy() if handle.mode != "P" else handle.convert("RGBA")
+            handle.load()  # the decoded pixels stay usable once the file is closed
+            return handle if handle.mode != "P" else handle.convert("RGBA")
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path} is not an image file PIL can read (JPEG, PNG, WebP, BMP, TIFF, GIF, ...).") from None
     except Image.DecompressionBombError as error:
@@ -107,7 +108,7 @@ def _from_pil(image: Image.Image, max_pixels: int | None) -> torch.Tensor:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         image = _on_white(image.convert("RGBA"))
-    image = image.convert("RGB")
+    image = image if image.mode == "RGB" else image.convert("RGB")
     size = capped_size(*image.size, max_pixels)
     if size != image.size:
         image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -115,8 +116,10 @@ def _from_pil(image: Image.Image, max_pixels: int | None) -> torch.Tensor:
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """The image turned as its EXIF orientation tag says (photos from cameras and phones)."""
+    """The image turned as its EXIF orientation tag says (photos from cameras and phones); never a needless copy."""
     try:
+        if image.getexif().get(ORIENTATION_TAG, 1) == 1:
+            return image
         return ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, KeyError, TypeError):  # unreadable EXIF: keep the pixels as stored
         return image
