@@ -22,7 +22,7 @@ from ..methods import Need, method_names
 from ..views import make_views, view_seed
 from . import corruptions as C
 from .fashion_mnist import CLASSNAMES, load_split, to_rgb
-from .streams import iid_order, stream_order
+from ..streams import iid_order, stream_order
 
 MODEL = "vlmtta-testbed"
 _CANNOT_RUN = (ImportError, OSError, RuntimeError, ValueError, NotImplementedError)
