@@ -189,7 +189,8 @@ def _bench_testbed(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     progress = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
     severity = _one_severity(args.severity)
-    result = run_suite(methods, severity, args.n_per_corruption, args.seed, device=args.device, progress=progress)
+    result = run_suite(methods, severity, args.n_per_corruption, args.seed, order=args.order or "iid",
+                       device=args.device, progress=progress)
     print(format_table(result, {"md": "markdown", "csv": "csv"}.get(args.table, "text")))
     out = Path(args.results) / f"testbed_sev{severity}_n{args.n_per_corruption}_seed{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
