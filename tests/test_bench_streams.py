@@ -17,6 +17,7 @@ from vlmtta.data import read_split
 from vlmtta.methods import Need, register
 from vlmtta.methods.zeroshot import ZeroShot
 from vlmtta.streams import StreamOrder
+from vlmtta.testbed.suite import subset
 
 DOMAINS = ["cifar10_c:fog:5", "cifar10_c:snow:5", "cifar10_c:frost:5"]
 N = 6  # images per domain
@@ -78,7 +79,9 @@ def test_dirichlet_order_is_recorded_and_labels_stay_out(tree, tiny_model_dir):
                                               order="dirichlet:0.5", seed=3))
     protocol = result[0]["protocol"]
     assert protocol["order"] == "dirichlet:0.5" and protocol["labels_used_for"] == "metric only and the dirichlet order"
-    assert protocol["stream"] == {"order": "dirichlet", "seed": 3, "alpha": 0.5, "slot": 64}
+    n_classes = len(set(split.labels))
+    assert protocol["stream"] == {"order": "dirichlet", "seed": 3, "alpha": 0.5, "slots": n_classes,
+                                  "protocol": "RoTTA / NOTE"}
     assert seen == list(range(1, N + 1))
     # the method got the images' features in the Dirichlet order and nothing else
     _, _, in_file_order = _probe_run(_spec(tree, tiny_model_dir, ["test_stream_probe"], dataset=DOMAINS[1],
@@ -155,5 +158,7 @@ def test_testbed_suite_takes_the_order(tmp_path, capsys):
             "--results", str(tmp_path), "--no-progress", "--order", "dirichlet:0.5", "--severity", "2"]
     assert main(args) == 0
     saved = json.loads((tmp_path / "testbed_sev2_n8_seed0.json").read_text())
-    assert saved["protocol"]["stream"] == {"order": "dirichlet", "seed": 0, "alpha": 0.5, "slot": 64}
+    present = int(subset(8, 0)[1].unique().numel())  # RoTTA: one slot per class in the stream
+    assert saved["protocol"]["stream"] == {"order": "dirichlet", "seed": 0, "alpha": 0.5, "slots": present,
+                                           "protocol": "RoTTA / NOTE"}
     assert main([*args[:-1], "3,5"]) == 2 and "one severity" in capsys.readouterr().err

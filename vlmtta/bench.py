@@ -249,7 +249,7 @@ def _prepare(spec: BenchSpec, source: _Source, method: str, order: StreamOrder, 
              bound: tuple[Adapter, str] | None = None, continual: dict[str, Any] | None = None) -> _Run:
     """The run of ``method`` on ``source`` (``bound``: a continual run's adapter, kept across domains)."""
     adapter, templates_from = bound or source.adapter(method)
-    facts = {**order.describe(spec.seed), **({"continual": continual} if continual else {})}
+    facts = {**order.describe(spec.seed, len(set(source.labels))), **({"continual": continual} if continual else {})}
     protocol = {**adapter.protocol(), **source.describe(), "dataset": source.name, "n_images": len(stream),
                 "n_classes": len(source.classnames), "templates_from": templates_from, "order": str(order),
                 "stream": facts, "limit": spec.limit,

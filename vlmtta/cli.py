@@ -111,7 +111,7 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--splits-dir", default=None, help="folder of split_zhou_*.json files (TPT layout)")
     _add_backbone_args(bench)
     bench.add_argument("--templates", default=None, help="template set for every method (default: the method's own, "
-                                                         "else tda:<dataset>)")
+                                                         "else tda:<dataset>; cifar18 on CIFAR-C)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--order", default=None,
                        help="stream order: shuffled (alias iid), sorted, grouped (classes contiguous) or "

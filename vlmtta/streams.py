@@ -4,11 +4,14 @@ An order is written as text (``vlmtta bench --order``): ``sorted`` (dataset orde
 ``iid``: a seeded permutation), ``grouped`` (classes in a seeded order, each class contiguous) or
 ``dirichlet[:ALPHA]`` (temporally correlated labels, default ``ALPHA`` = 0.1).
 
-The Dirichlet order follows the non-i.i.d. protocol of NOTE / RoTTA-style benchmarks: the stream is cut
-into slots of ``DIRICHLET_SLOT`` samples, and each slot's class proportions are drawn from a Dirichlet
-distribution, so a small concentration ``alpha`` gives long runs of one class and a large one approaches
-i.i.d.  Labels decide only the order of ``grouped`` and ``dirichlet`` streams (as in the published
-protocols); the runner never passes them to a method.
+The Dirichlet order is the temporally correlated ("practical TTA") stream of RoTTA (Yuan et al., CVPR 2023,
+``LabelDirichletDomainSequence``), itself NOTE's (Gong et al., NeurIPS 2022) Dirichlet protocol: time is cut
+into ``min(C, 100)`` slots; each class spreads its samples over the slots in proportions drawn from
+``Dirichlet(alpha)`` (its samples in dataset order); a slot plays its classes' blocks one after the other, in
+a random order.  A small ``alpha`` puts most of a class in one slot (long runs of one class); a large one
+spreads every class evenly over the slots, so each slot holds every class, still as contiguous blocks.
+Labels decide only the order of ``grouped`` and ``dirichlet`` streams (as in the published protocols); the
+runner never passes them to a method.
 """
 from __future__ import annotations
 
@@ -20,17 +23,16 @@ import torch
 
 ORDERS = ("sorted", "shuffled", "grouped", "dirichlet")
 ALIASES = {"iid": "shuffled"}
-DIRICHLET_ALPHA = 0.1
-DIRICHLET_SLOT = 64
+DIRICHLET_ALPHA = 0.1  # RoTTA's gamma
+MAX_SLOTS = 100  # RoTTA: one slot per class, at most 100
 
 
 @dataclass(frozen=True)
 class StreamOrder:
-    """A parsed order: its kind and, for ``dirichlet``, the concentration and slot length."""
+    """A parsed order: its kind and, for ``dirichlet``, the concentration."""
 
     kind: str
     alpha: float | None = None
-    slot: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> "StreamOrder":
@@ -48,7 +50,7 @@ class StreamOrder:
             raise ValueError(f"Stream order {text!r}: ALPHA must be a number, e.g. dirichlet:0.1.") from None
         if not alpha > 0 or not np.isfinite(alpha):
             raise ValueError(f"Stream order {text!r}: ALPHA must be a finite number > 0.")
-        return cls(kind, alpha, DIRICHLET_SLOT)
+        return cls(kind, alpha)
 
     def __str__(self) -> str:
         return self.kind if self.alpha is None else f"{self.kind}:{self.alpha:g}"
@@ -58,11 +60,11 @@ class StreamOrder:
         """Whether labels shape the order (they still never reach a method)."""
         return self.kind in ("grouped", "dirichlet")
 
-    def describe(self, seed: int) -> dict[str, Any]:
-        """The order's protocol facts for a result file."""
+    def describe(self, seed: int, n_classes: int) -> dict[str, Any]:
+        """The order's protocol facts for a result file (``n_classes``: classes present in the stream)."""
         facts: dict[str, Any] = {"order": self.kind, "seed": int(seed)}
         if self.kind == "dirichlet":
-            facts.update(alpha=self.alpha, slot=self.slot)
+            facts.update(alpha=self.alpha, slots=min(n_classes, MAX_SLOTS), protocol="RoTTA / NOTE")
         return facts
 
     def indices(self, labels: Sequence[int] | torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -74,7 +76,7 @@ class StreamOrder:
             return iid_order(len(labels), seed)
         if self.kind == "grouped":
             return grouped_order(labels, seed)
-        return dirichlet_order(labels, alpha=self.alpha, slot=self.slot, seed=seed)
+        return dirichlet_order(labels, alpha=self.alpha, seed=seed)
 
 
 def stream_order(labels: Sequence[int] | torch.Tensor, order: str | StreamOrder = "shuffled",
@@ -96,34 +98,23 @@ def grouped_order(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return perm[torch.sort(rank[labels[perm]], stable=True).indices]
 
 
-def dirichlet_order(labels: torch.Tensor, alpha: float = DIRICHLET_ALPHA, slot: int = DIRICHLET_SLOT,
-                    seed: int = 0) -> torch.Tensor:
-    """A permutation of the samples whose labels are temporally correlated.
+def dirichlet_order(labels: torch.Tensor, alpha: float = DIRICHLET_ALPHA, seed: int = 0,
+                    slots: int | None = None) -> torch.Tensor:
+    """A permutation of the samples whose labels are temporally correlated (RoTTA / NOTE, see the module docstring).
 
-    Every class's samples are shuffled and queued; the stream is built ``slot`` samples at a time,
-    each slot taking samples from the classes in proportions drawn from ``Dirichlet(alpha)`` over the
-    classes that still have samples, in shuffled order.  Every sample appears exactly once.
+    ``slots`` defaults to ``min(C, 100)`` for the ``C`` classes present.  Every sample appears exactly once.
     """
-    if alpha <= 0 or slot < 1:
-        raise ValueError(f"alpha must be > 0 and slot >= 1, got alpha={alpha}, slot={slot}.")
-    rng = np.random.default_rng(int(seed))
     labels = np.asarray(torch.as_tensor(labels).long())
-    queues = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
-    order: list[int] = []
-    while any(queues):
-        alive = [q for q in queues if q]
-        weights = rng.dirichlet(np.full(len(alive), float(alpha)))
-        chunk: list[int] = []
-        for queue, count in zip(alive, _split(weights, slot)):
-            chunk.extend(queue[:count])
-            del queue[:count]
-        order.extend(rng.permutation(chunk).tolist())
-    return torch.tensor(order, dtype=torch.long)
-
-
-def _split(weights: np.ndarray, total: int) -> list[int]:
-    """Integer counts proportional to ``weights`` that sum to ``total`` (largest remainders)."""
-    raw = weights * total
-    counts = np.floor(raw).astype(int)
-    counts[np.argsort(counts - raw, kind="stable")[: total - counts.sum()]] += 1
-    return counts.tolist()
+    classes = np.unique(labels)
+    slots = slots or max(1, min(len(classes), MAX_SLOTS))
+    if alpha <= 0 or slots < 1:
+        raise ValueError(f"alpha must be > 0 and slots >= 1, got alpha={alpha}, slots={slots}.")
+    rng = np.random.default_rng(int(seed))
+    shares = rng.dirichlet(np.full(slots, float(alpha)), len(classes))  # [C, slots]: where each class's samples go
+    blocks: list[list[np.ndarray]] = [[] for _ in range(slots)]
+    for label, share in zip(classes, shares):
+        members = np.flatnonzero(labels == label)
+        for slot, block in enumerate(np.split(members, (np.cumsum(share)[:-1] * len(members)).astype(int))):
+            blocks[slot].append(block)
+    order = [slot[k] for slot in blocks for k in rng.permutation(len(slot))]
+    return torch.from_numpy(np.concatenate([np.zeros(0, dtype=np.int64), *order])).long()

@@ -119,7 +119,7 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
     adapters, errors = _adapters(methods, backbone, seed, options or {})
     images, labels = subset(n_per_corruption, seed)
     result = SuiteResult({name: {} for name in adapters}, errors, {name: 0.0 for name in adapters},
-                         _protocol(adapters, severity, len(labels), seed, order, backbone))
+                         _protocol(adapters, severity, labels, seed, order, backbone))
     for corruption in corruptions:
         stream, truth = corrupted_stream(images, labels, corruption, severity, seed, order)
         views = ViewFeatures(backbone, stream, seed)
@@ -149,10 +149,11 @@ def _adapters(methods: list[str], backbone: FrozenCLIP, seed: int,
     return adapters, errors
 
 
-def _protocol(adapters: dict[str, Adapter], severity: int, n: int, seed: int, order: str,
+def _protocol(adapters: dict[str, Adapter], severity: int, labels: torch.Tensor, seed: int, order: str,
               backbone: FrozenCLIP) -> dict[str, Any]:
-    return {"backbone": backbone.describe(), "dataset": "fashion-mnist test", "images_per_corruption": n,
-            "severity": severity, "seed": seed, "order": order, "stream": StreamOrder.parse(order).describe(seed),
+    stream = StreamOrder.parse(order).describe(seed, int(labels.unique().numel()))
+    return {"backbone": backbone.describe(), "dataset": "fashion-mnist test", "images_per_corruption": len(labels),
+            "severity": severity, "seed": seed, "order": order, "stream": stream,
             "methods": {name: adapter.protocol() for name, adapter in adapters.items()}}
 
 
