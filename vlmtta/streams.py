@@ -105,15 +105,15 @@ def dirichlet_order(labels: torch.Tensor, alpha: float = DIRICHLET_ALPHA, seed: 
     ``slots`` defaults to ``min(C, 100)`` for the ``C`` classes present.  Every sample appears exactly once.
     """
     labels = np.asarray(torch.as_tensor(labels).long())
-    classes = np.unique(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    by_class = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])  # each class's indices, ascending
     slots = slots or max(1, min(len(classes), MAX_SLOTS))
     if alpha <= 0 or slots < 1:
         raise ValueError(f"alpha must be > 0 and slots >= 1, got alpha={alpha}, slots={slots}.")
     rng = np.random.default_rng(int(seed))
     shares = rng.dirichlet(np.full(slots, float(alpha)), len(classes))  # [C, slots]: where each class's samples go
     blocks: list[list[np.ndarray]] = [[] for _ in range(slots)]
-    for label, share in zip(classes, shares):
-        members = np.flatnonzero(labels == label)
+    for members, share in zip(by_class, shares):
         for slot, block in enumerate(np.split(members, (np.cumsum(share)[:-1] * len(members)).astype(int))):
             blocks[slot].append(block)
     order = [slot[k] for slot in blocks for k in rng.permutation(len(slot))]

@@ -19,10 +19,10 @@ import torch
 from ..api import Adapter
 from ..backbone import FrozenCLIP, load_backbone
 from ..methods import Need, method_names
+from ..streams import StreamOrder, iid_order, stream_order
 from ..views import make_views, view_seed
 from . import corruptions as C
 from .fashion_mnist import CLASSNAMES, load_split, to_rgb
-from ..streams import StreamOrder, iid_order, stream_order
 
 MODEL = "vlmtta-testbed"
 _CANNOT_RUN = (ImportError, OSError, RuntimeError, ValueError, NotImplementedError)
