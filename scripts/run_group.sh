@@ -2,7 +2,8 @@
 # Run a list of methods over a dataset group and write the results table.
 #
 #   scripts/run_group.sh GROUP DATA_ROOT [METHODS] [RESULTS_DIR] [more 'vlmtta bench' arguments]
-#   GROUP: cross_domain (the 10 datasets) or imagenet_variants (ImageNet, -A, -V2, -R, -Sketch)
+#   GROUP: cross_domain (the 10 datasets), imagenet_variants (ImageNet, -A, -V2, -R, -Sketch), or a corruption
+#          benchmark (imagenet_c, cifar10_c, cifar100_c: its 15 corruptions at severity 5)
 #
 # Re-running the same command skips finished results and resumes unfinished ones. Layouts: datasets/DATASETS.md.
 set -euo pipefail

@@ -10,7 +10,7 @@ from conftest import SHARED_DATA
 from test_data_trees import coop_tree
 
 from vlmtta import bench
-from vlmtta.bench import BenchSpec, InjectedFailure, run_bench, stream_order
+from vlmtta.bench import BenchSpec, InjectedFailure, run_bench
 from vlmtta.cli import main
 from vlmtta.methods import Need, register
 from vlmtta.methods.zeroshot import ZeroShot
@@ -134,17 +134,6 @@ def test_features_file_source(tmp_path):
                             options={"n_views": 3}, progress=False))
     torch.save({"image_features": image}, path)
     assert main(["bench", "--features", str(path), "--methods", "zeroshot", "--results", str(tmp_path / "r4")]) == 2
-
-
-def test_stream_orders():
-    labels = [k % 4 for k in range(20)]
-    assert stream_order(labels, "sorted", 0) == list(range(20))
-    shuffled = stream_order(labels, "shuffled", 1)
-    assert sorted(shuffled) == list(range(20)) and shuffled == stream_order(labels, "shuffled", 1) != list(range(20))
-    grouped = [labels[i] for i in stream_order(labels, "grouped", 3)]
-    assert sum(a != b for a, b in zip(grouped, grouped[1:])) == 3  # each class is one contiguous run
-    with pytest.raises(ValueError, match="accepted: shuffled, sorted, grouped"):
-        stream_order(labels, "random", 0)
 
 
 def test_cli_bench_and_table(tree, tiny_model_dir, capsys):

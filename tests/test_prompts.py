@@ -10,7 +10,7 @@ from vlmtta.prompts import dataset_classnames, dataset_names, parse_classes, res
 
 EXPECTED_COUNTS = {"caltech101": 100, "dtd": 47, "eurosat": 10, "fgvc_aircraft": 100, "food101": 101,
                    "oxford_flowers": 102, "oxford_pets": 37, "stanford_cars": 196, "sun397": 397, "ucf101": 101,
-                   "imagenet": 1000, "imagenet_a": 200, "imagenet_r": 200}
+                   "imagenet": 1000, "imagenet_a": 200, "imagenet_r": 200, "cifar10": 10, "cifar100": 100}
 
 
 def test_template_sets():
@@ -24,6 +24,9 @@ def test_template_sets():
     assert resolve_templates("tda:imagenet_r") == resolve_templates("imagenet80")
     assert resolve_templates("tda:ucf101") == ["a photo of a person doing {}."]
     assert resolve_templates("a sketch of a {}.") == ["a sketch of a {}."]
+    cifar = resolve_templates("cifar18")  # CLIP's CIFAR templates: 9 "a ... of a {}." then the same with "the"
+    assert len(cifar) == 18 and cifar[:2] == ["a photo of a {}.", "a blurry photo of a {}."]
+    assert [t.replace(" the ", " a ") for t in cifar[9:]] == cifar[:9]
     for name in template_set_names():
         assert all(t.count("{}") == 1 for t in resolve_templates(name)), name
 
@@ -50,6 +53,9 @@ def test_class_counts_and_masks():
         assert dataset_classnames(variant) == [imagenet[i] for i in masks[variant]]
     assert dataset_classnames("eurosat")[0] == "Annual Crop Land"
     assert imagenet[:2] == ["tench", "goldfish"]
+    assert dataset_classnames("cifar10")[::9] == ["airplane", "truck"]
+    cifar100 = dataset_classnames("cifar100")  # fine-label order: the sorted CIFAR-100 names (underscores as spaces)
+    assert cifar100 == sorted(cifar100) and cifar100[1] == "aquarium fish" and cifar100[-1] == "worm"
 
 
 def test_parse_classes():

@@ -1,4 +1,4 @@
-"""The testbed's data side: IDX reader, shipped test split, corruptions and stream orders."""
+"""The testbed's data side: IDX reader, shipped test split, and corruptions (stream orders: test_streams.py)."""
 from __future__ import annotations
 
 import gzip
@@ -9,7 +9,6 @@ import torch
 
 from vlmtta.testbed import corruptions as C
 from vlmtta.testbed.fashion_mnist import CLASSNAMES, load_split, read_idx, to_rgb
-from vlmtta.testbed.streams import dirichlet_order, iid_order, stream_order
 
 
 def test_shipped_test_split():
@@ -76,27 +75,6 @@ def test_corrupt_validates(batch):
         C.corrupt(batch, "contrast", 6)
     with pytest.raises(ValueError, match="float"):
         C.corrupt((batch * 255).to(torch.uint8), "contrast")
-
-
-def test_iid_order_is_a_seeded_permutation():
-    order = iid_order(100, seed=1)
-    assert sorted(order.tolist()) == list(range(100))
-    assert torch.equal(order, iid_order(100, seed=1)) and not torch.equal(order, iid_order(100, seed=2))
-
-
-def _repeats(labels: torch.Tensor) -> float:
-    return float((labels[1:] == labels[:-1]).float().mean())
-
-
-def test_dirichlet_order_correlates_labels():
-    labels = torch.arange(2000) % 10
-    order = dirichlet_order(labels, alpha=0.1, seed=0)
-    assert sorted(order.tolist()) == list(range(2000))
-    assert torch.equal(order, stream_order(labels, "dirichlet", seed=0, alpha=0.1))
-    assert _repeats(labels[order]) > 0.5 > 0.2 > _repeats(labels[iid_order(2000)])
-    assert _repeats(labels[dirichlet_order(labels, alpha=100.0, seed=0)]) < 0.2
-    with pytest.raises(ValueError, match="stream order"):
-        stream_order(labels, "sorted")
 
 
 def test_testbed_loads_as_an_ordinary_backbone():

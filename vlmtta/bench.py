@@ -2,9 +2,12 @@
 
 * Sources: a dataset under a data root (``vlmtta.data``), or a precomputed-features file
   (``vlmtta.features.FeatureFile``).
-* Order: ``shuffled`` (seeded permutation, the default for datasets), ``sorted`` (dataset / file order,
-  the default for features files) or ``grouped`` (classes in a seeded order, each class's images
-  contiguous: a temporally correlated stream to stress online methods; labels shape the order only).
+* Order (``vlmtta.streams``): ``shuffled`` / ``iid`` (seeded permutation, the default for datasets), ``sorted``
+  (dataset / file order, the default for features files), ``grouped`` (classes in a seeded order, each class's
+  images contiguous) or ``dirichlet[:ALPHA]`` (Dirichlet label shift); labels shape the order only.
+* Continual (``BenchSpec.domains``): each method streams the datasets one after the other, each in its own
+  order, keeping its state across them (``reset_between="never"``) or resetting it at every new domain
+  (``"domain"``); one result per domain, tagged ``continual-<reset>``, whose protocol names the sequence.
 * Methods that need only view features run on the on-disk view cache (encoded once per model, dataset,
   view policy, number of views and seed, then shared by every method); the others get the views.
   Episodic methods are reset before every image; online methods keep their state across the stream.
@@ -19,7 +22,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,11 +38,12 @@ from .features import FeatureFile, ViewFeatureCache, encode_missing, load_featur
 from .images import load_image
 from .methods import Need, get_method_class
 from .results import result_name, save_result
+from .streams import StreamOrder
 from .version import __version__
 from .views import VIEW_POLICIES, make_views, view_seed
 from .writable import ensure_writable_dir
 
-ORDERS = ("shuffled", "sorted", "grouped")
+RESETS = ("never", "domain")
 FAIL_ENV = "VLMTTA_FAIL_AFTER"  # inject a failure after this many streamed images (resume tests)
 
 
@@ -66,7 +70,9 @@ class BenchSpec:
     device: str = "auto"
     templates: str | None = None  # default: the method's own, else TDA's per-dataset set
     seed: int = 0
-    order: str | None = None  # default: shuffled for datasets, sorted (file order) for features files
+    order: str | None = None  # vlmtta.streams order; default: shuffled for datasets, sorted for features files
+    domains: list[str] | None = None  # continual: stream these datasets in turn (instead of ``dataset``)
+    reset_between: str = "never"  # continual: reset each method's state at every new domain ("domain") or never
     options: dict[str, Any] = field(default_factory=dict)  # given to every method, over per-dataset defaults
     augmentation: str = "method"  # view policy: the method's own, "family" (METHODS.md §1.3) or a policy name
     cache_dir: Path | None = None  # default: $VLMTTA_CACHE or ~/.cache/vlmtta
@@ -81,22 +87,6 @@ class BenchSpec:
 
 
 PRECISIONS = ("auto", "fp32", "fp16")
-
-
-def stream_order(labels: list[int], order: str, seed: int) -> list[int]:
-    """Indices of the stream: ``sorted``, ``shuffled`` (seeded) or ``grouped`` (seeded class order, classes contiguous)."""
-    n = len(labels)
-    if order not in ORDERS:
-        raise ValueError(f"Unknown order {order!r}; accepted: {', '.join(ORDERS)}.")
-    if order == "sorted":
-        return list(range(n))
-    gen = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(n, generator=gen)
-    if order == "shuffled":
-        return perm.tolist()
-    rank = torch.randperm(max(labels, default=-1) + 1, generator=gen)
-    keys = rank[torch.as_tensor(labels, dtype=torch.long)[perm]]
-    return perm[torch.sort(keys, stable=True).indices].tolist()
 
 
 def versions() -> dict[str, str]:
@@ -160,10 +150,11 @@ class _Source:
 
     @property
     def option_dataset(self) -> str | None:
-        """The dataset key whose per-dataset settings apply (None for an unknown label)."""
-        from .data import DATASETS
-
-        return self.name if self.name in DATASETS else None
+        """The dataset key whose per-dataset settings apply (ImageNet's for ImageNet-C; None for an unknown label)."""
+        try:
+            return get_spec(self.name).clean_key
+        except ValueError:
+            return None
 
     def describe(self) -> dict[str, Any]:
         if self.file is not None:
@@ -186,8 +177,9 @@ class _Source:
         templates, origin = self.spec.templates, "--templates"
         if templates is None:
             cls = get_method_class(method)
+            spec = get_spec(self.name)
             templates, origin = ((cls.default_templates, "method default") if cls.default_templates
-                                 else (get_spec(self.name).default_templates, f"dataset default (tda:{self.name})"))
+                                 else (spec.default_templates, f"dataset default ({spec.template_set})"))
         adapter = Adapter(self.classnames, method, backbone=self.backbone, templates=templates, seed=self.spec.seed,
                           **options)
         return adapter, origin
@@ -205,7 +197,7 @@ class _Source:
                 "encode_ms_per_image": 1000 * cache.meta["encode_s"] / max(1, len(self.split))}
 
         def predict(i: int) -> torch.Tensor:  # methods that need the images themselves
-            pixels = load_image(self.split.paths[i]).to(self.backbone.device)
+            pixels = load_image(self.split.image(i)).to(self.backbone.device)
             return adapter.adapt_views(make_views(pixels, config, seed=view_seed(seed, name, i)), pixels)
 
         return predict, {"views_from": "images (encoded per method)"}
@@ -216,7 +208,7 @@ class _Source:
         parts = view_cache_parts(self.backbone, self.name, paths, config, self.spec.seed)
         cache = ViewFeatureCache.open(self.spec.cache_dir or default_cache_dir(), parts, len(paths), config.n_views,
                                       self.backbone.embed_dim)
-        encode_missing(cache, self.split.paths, self.backbone, config, self.name, self.spec.seed,
+        encode_missing(cache, self.split.images, self.backbone, config, self.name, self.spec.seed,
                        batch_views=self.spec.batch_views, workers=self.spec.workers, progress=self.spec.progress,
                        on_rows=_encode_hook)
         return cache
@@ -235,41 +227,108 @@ def run_bench(spec: BenchSpec, fail_after: int | None = None) -> list[dict[str, 
     ensure_writable_dir(spec.results_dir, "Results folder")  # before any work, not after it
     if spec.features is None:
         ensure_writable_dir(spec.cache_dir or default_cache_dir(), "Cache folder (--cache-dir)")
-    source = _Source(spec)
+    if spec.domains:
+        return _run_continual(spec, fail_after)
+    source = _nonempty(_Source(spec))
+    order = StreamOrder.parse(spec.order or ("sorted" if source.file is not None else "shuffled"))
+    stream = order.indices(source.labels, spec.seed)[:spec.limit].tolist()
+    return [_run_method(spec, source, method, order, stream, fail_after) for method in spec.methods]
+
+
+def _nonempty(source: _Source) -> _Source:
+    """``source``, or :class:`EmptySource` when it holds no image (never scored as 0/0)."""
     if not source.labels:
         where = f"{source.file.path} holds no samples" if source.file is not None else \
             f"the test split of {source.name} lists no images ({source.split.folder})"
         raise EmptySource(f"{where}: nothing to evaluate.")
-    order = spec.order or ("sorted" if source.file is not None else "shuffled")
-    stream = stream_order(source.labels, order, spec.seed)[:spec.limit]
-    return [_run_method(spec, source, method, order, stream, fail_after) for method in spec.methods]
+    return source
 
 
-def _run_method(spec: BenchSpec, source: _Source, method: str, order: str, stream: list[int],
-                fail_after: int | None) -> dict[str, Any]:
-    adapter, templates_from = source.adapter(method)
+@dataclass
+class _Run:
+    """One method on one source: its adapter, protocol, config key and result path."""
+
+    adapter: Adapter
+    protocol: dict[str, Any]
+    key: str
+    path: Path
+    model: str
+    pretrained: str | None
+    tag: str
+
+    def finished(self) -> dict[str, Any] | None:
+        """The saved result of exactly this run, or None; a result of other settings at ``path`` is an error."""
+        existing = read_json(self.path)
+        if existing is None or existing.get("config_key") == self.key:
+            return existing
+        raise ValueError(f"{self.path} holds a result of {self.protocol['method']} on {self.protocol['dataset']} with "
+                         "other settings; pass --tag NAME to keep both, or --force to overwrite it.")
+
+
+def _prepare(spec: BenchSpec, source: _Source, method: str, order: StreamOrder, stream: list[int],
+             bound: tuple[Adapter, str] | None = None, continual: dict[str, Any] | None = None) -> _Run:
+    """The run of ``method`` on ``source`` (``bound``: a continual run's adapter, kept across domains)."""
+    adapter, templates_from = bound or source.adapter(method)
+    facts = {**order.describe(spec.seed, len(set(source.labels))), **({"continual": continual} if continual else {})}
     protocol = {**adapter.protocol(), **source.describe(), "dataset": source.name, "n_images": len(stream),
-                "n_classes": len(source.classnames), "templates_from": templates_from, "order": order,
-                "limit": spec.limit, "labels_used_for": "metric only" + (" and the grouped order" if order == "grouped"
-                                                                         else "")}
-    key = cache_key(protocol)[:32]
+                "n_classes": len(source.classnames), "templates_from": templates_from, "order": str(order),
+                "stream": facts, "limit": spec.limit,
+                "labels_used_for": "metric only" + (f" and the {order.kind} order" if order.uses_labels else "")}
     model, pretrained = ((adapter.backbone.model_name, adapter.backbone.pretrained) if adapter.backbone is not None
                          else ("precomputed", source.file.path.name))
-    path = Path(spec.results_dir) / result_name(source.name, method, model, pretrained, spec.seed, spec.tag)
-    existing = read_json(path)
-    if existing is not None and not spec.force:
-        if existing.get("config_key") == key:
-            return existing
-        raise ValueError(f"{path} holds a result of {method} on {source.name} with other settings; pass --tag NAME to "
-                         "keep both, or --force to overwrite it.")
-    predict, view_facts = source.predictor(adapter)
-    outcome = _stream(spec, adapter, predict, stream, source.labels, path, key, fail_after)
-    result = {"dataset": source.name, "method": method, "tag": spec.tag, "model": model, "pretrained": pretrained,
-              "seed": spec.seed, **outcome, "protocol": {**protocol, **view_facts}, "config_key": key,
-              "versions": versions(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    save_result(path, result)
-    _checkpoint_path(path).unlink(missing_ok=True)
+    tag = "+".join(filter(None, (f"continual-{continual['reset_between']}" if continual else "", spec.tag)))
+    path = Path(spec.results_dir) / result_name(source.name, method, model, pretrained, spec.seed, tag)
+    return _Run(adapter, protocol, cache_key(protocol)[:32], path, model, pretrained, tag)
+
+
+def _run_method(spec: BenchSpec, source: _Source, method: str, order: StreamOrder, stream: list[int],
+                fail_after: int | None, run: _Run | None = None, reset: bool = True,
+                rerun_finished: bool = False) -> dict[str, Any]:
+    """Stream ``source`` through ``method`` and save the result (a finished one is returned unless ``rerun_finished``)."""
+    run = run or _prepare(spec, source, method, order, stream)
+    existing = None if spec.force else run.finished()
+    if existing is not None and not rerun_finished:
+        return existing
+    predict, view_facts = source.predictor(run.adapter)
+    outcome = _stream(spec, run.adapter, predict, stream, source.labels, run.path, run.key, fail_after, reset)
+    result = {"dataset": source.name, "method": method, "tag": run.tag, "model": run.model,
+              "pretrained": run.pretrained, "seed": spec.seed, **outcome, "protocol": {**run.protocol, **view_facts},
+              "config_key": run.key, "versions": versions(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    save_result(run.path, result)
+    _checkpoint_path(run.path).unlink(missing_ok=True)
     return result
+
+
+def _run_continual(spec: BenchSpec, fail_after: int | None) -> list[dict[str, Any]]:
+    """Each method streams ``spec.domains`` in turn with one adapter (see the module docstring); results per domain.
+
+    With ``reset_between="domain"`` a finished domain is skipped (the next one starts from a reset anyway); with
+    ``"never"`` a run is finished only when every domain is, otherwise it restarts from the first domain (the
+    state built on earlier domains is not checkpointed).
+    """
+    if spec.features is not None:
+        raise ValueError("A continual run streams datasets (--datasets), not a features file.")
+    if spec.reset_between not in RESETS:
+        raise ValueError(f"Unknown reset policy {spec.reset_between!r}; accepted: {', '.join(RESETS)}.")
+    domains = list(dict.fromkeys(spec.domains))
+    sources = [_nonempty(_Source(replace(spec, dataset=key, domains=None))) for key in domains]
+    other = next((s.name for s in sources if s.classnames != sources[0].classnames), None)
+    if other is not None:
+        raise ValueError(f"A continual run needs one class list for every domain; {other} and {domains[0]} differ.")
+    order = StreamOrder.parse(spec.order or "shuffled")
+    streams = [order.indices(s.labels, spec.seed)[:spec.limit].tolist() for s in sources]
+    results = []
+    for method in spec.methods:
+        bound = sources[0].adapter(method)
+        runs = [_prepare(spec, source, method, order, stream, bound,
+                         {"domains": domains, "position": k, "reset_between": spec.reset_between})
+                for k, (source, stream) in enumerate(zip(sources, streams))]
+        done = [None if spec.force else run.finished() for run in runs]
+        rerun = spec.reset_between == "never" and None in done  # replay every domain to rebuild the state
+        results.extend(_run_method(spec, source, method, order, stream, fail_after, run,
+                                   reset=k == 0 or spec.reset_between == "domain", rerun_finished=rerun)
+                       for k, (source, stream, run) in enumerate(zip(sources, streams, runs)))
+    return results
 
 
 def _checkpoint_path(result_path: Path) -> Path:
@@ -277,8 +336,9 @@ def _checkpoint_path(result_path: Path) -> Path:
 
 
 def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[int], torch.Tensor], stream: list[int],
-            labels: list[int], path: Path, key: str, fail_after: int | None) -> dict[str, Any]:
-    """Feed the stream (resuming an episodic one from its checkpoint) and score it."""
+            labels: list[int], path: Path, key: str, fail_after: int | None, reset: bool = True) -> dict[str, Any]:
+    """Feed the stream (resuming an episodic one from its checkpoint) and score it; ``reset``: start from a fresh
+    adapter state (a continual run keeps the state of the previous domain)."""
     from tqdm.auto import tqdm
 
     episodic, ckpt_path = adapter.method.episodic, _checkpoint_path(path)
@@ -286,7 +346,8 @@ def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[int], torch.Te
     if not state or state.get("config_key") != key:
         state = {"config_key": key, "predictions": [], "latency_ms": [], "wall_s": 0.0}
     resumed_from, start = len(state["predictions"]), time.perf_counter()
-    adapter.reset()
+    if reset:
+        adapter.reset()
     correct = sum(int(p == labels[i]) for p, i in zip(state["predictions"], stream))
     bar = tqdm(total=len(stream), initial=resumed_from, desc=f"{adapter.method.name} {path.name.split('__')[0]}",
                unit="img", disable=not spec.progress)

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 from .version import __version__
 
 FORMATS = ("table", "json", "csv")
+SEVERITY_HELP = ("corruption severities that imagenet_c / cifar10_c / cifar100_c[:corruption] expand to: 5 (default), "
+                 "a comma list such as 3,5, or all")
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -108,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     check = data_commands.add_parser("check", help="is each dataset present, complete and readable?")
     check.add_argument("--root", required=True, help="data root holding the dataset folders")
-    check.add_argument("--datasets", default="all", help="comma list, or all / cross_domain / imagenet_variants")
+    check.add_argument("--datasets", default="all", help="comma list, or all / cross_domain / imagenet_variants, or "
+                                                         "imagenet_c / cifar10_c / cifar100_c[:corruption]")
+    check.add_argument("--severity", default=None, help=SEVERITY_HELP)
     check.add_argument("--splits-dir", default=None, help="folder of split_zhou_*.json files (TPT layout)")
     check.add_argument("--no-decode", action="store_true", help="only check that files exist (faster)")
     check.add_argument("--allow-partial", action="store_true",
@@ -122,21 +126,30 @@ def _add_bench_parser(commands) -> None:
                        help="comma-separated registered methods (required, except with --suite: default all)")
     bench.add_argument("--suite", choices=("testbed",), default=None,
                        help="testbed: the bundled Fashion-MNIST CLIP under 11 corruptions (no data needed)")
-    bench.add_argument("--severity", type=int, default=3, help="--suite testbed: corruption severity 1..5")
+    bench.add_argument("--severity", default=None, help=SEVERITY_HELP + "; --suite testbed: one severity (default 3)")
     bench.add_argument("--n-per-corruption", type=int, default=200,
                        help="--suite testbed: seeded test images per corruption (default: %(default)s)")
     bench.add_argument("--datasets", default=None,
-                       help="comma list, or all / cross_domain / imagenet_variants; with --features: the dataset key "
-                            "(its per-dataset options apply) or a label")
+                       help="comma list, or all / cross_domain / imagenet_variants; corruption benchmarks as "
+                            "imagenet_c:<corruption>:<severity> (also cifar10_c, cifar100_c), imagenet_c:<corruption> "
+                            "or imagenet_c (15 corruptions) at the --severity levels; with --features: the dataset "
+                            "key (its per-dataset options apply) or a label")
     bench.add_argument("--root", default=None, help="data root holding the dataset folders (see datasets/DATASETS.md)")
     bench.add_argument("--features", default=None, help="precomputed-features .pt file instead of images")
     bench.add_argument("--splits-dir", default=None, help="folder of split_zhou_*.json files (TPT layout)")
     _add_backbone_args(bench)
     bench.add_argument("--templates", default=None, help="template set for every method (default: the method's own, "
-                                                         "else tda:<dataset>)")
+                                                         "else tda:<dataset>; cifar18 on CIFAR-C)")
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--order", choices=("shuffled", "sorted", "grouped"), default=None,
-                       help="stream order (default: shuffled; file order for --features)")
+    bench.add_argument("--order", default=None,
+                       help="stream order: shuffled (alias iid), sorted, grouped (classes contiguous) or "
+                            "dirichlet[:ALPHA] (Dirichlet label shift, default ALPHA 0.1); default: shuffled, file "
+                            "order for --features")
+    bench.add_argument("--continual", action="store_true",
+                       help="stream the --datasets one after the other (in the order given) through each method")
+    bench.add_argument("--reset-between", choices=("never", "domain"), default=None,
+                       help="--continual: keep each method's state across domains (never, default) or reset it at "
+                            "every new domain")
     bench.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[],
                        metavar="KEY=VALUE", help="method hyperparameter for every method, repeatable")
     bench.add_argument("--augmentation", default="method",
@@ -205,12 +218,23 @@ def _bench_testbed(args: argparse.Namespace) -> int:
     ensure_writable_dir(args.results, "Results folder")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     progress = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
-    result = run_suite(methods, args.severity, args.n_per_corruption, args.seed, device=args.device, progress=progress)
+    severity = _one_severity(args.severity)
+    result = run_suite(methods, severity, args.n_per_corruption, args.seed, order=args.order or "iid",
+                       device=args.device, progress=progress)
     print(format_table(result, {"md": "markdown", "csv": "csv"}.get(args.table, "text")))
-    out = Path(args.results) / f"testbed_sev{args.severity}_n{args.n_per_corruption}_seed{args.seed}.json"
+    out = Path(args.results) / f"testbed_sev{severity}_n{args.n_per_corruption}_seed{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.to_dict(), indent=2))
     return 0
+
+
+def _one_severity(text: str | None, default: int = 3) -> int:
+    from .data import parse_severities
+
+    levels = parse_severities(text) if text is not None else (default,)
+    if len(levels) != 1:
+        raise ValueError(f"--suite testbed runs one severity, got --severity {text}.")
+    return levels[0]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -306,19 +330,24 @@ def _bench(args: argparse.Namespace) -> int:
         return _bench_testbed(args)
     if not args.methods:
         raise ValueError("bench needs --methods a,b,... (or --suite testbed).")
+    if args.reset_between and not args.continual:
+        raise ValueError("--reset-between applies to --continual runs only.")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     common = dict(methods=methods, results_dir=Path(args.results), root=Path(args.root) if args.root else None,
                   splits_dir=args.splits_dir, model=args.model, pretrained=args.pretrained, device=args.device,
                   templates=args.templates, seed=args.seed, order=args.order, options=dict(args.options),
                   augmentation=args.augmentation, cache_dir=args.cache_dir, tag=args.tag, limit=args.limit,
                   checkpoint_every=args.checkpoint_every, workers=args.workers, progress=not args.no_progress,
-                  force=args.force, precision=args.precision)
+                  force=args.force, precision=args.precision, reset_between=args.reset_between or "never")
     if args.features:
+        if args.continual:
+            raise ValueError("--continual streams datasets (--root, --datasets), not a features file.")
         sources = [dict(features=Path(args.features), dataset=args.datasets)]
     else:
         if not args.root:
             raise ValueError("bench needs --root DIR (with --datasets) or --features FILE.pt.")
-        sources = [dict(dataset=key) for key in parse_datasets(args.datasets)]
+        keys = parse_datasets(args.datasets, args.severity)
+        sources = [dict(domains=keys)] if args.continual else [dict(dataset=key) for key in keys]
     failed = 0
     for source in sources:
         try:
@@ -360,7 +389,7 @@ def _data_check(args: argparse.Namespace) -> int:
     if not Path(args.root).is_dir():
         raise FileNotFoundError(f"Data root {args.root} does not exist.")
     reports = [check_dataset(key, args.root, args.splits_dir, decode=not args.no_decode)
-               for key in parse_datasets(args.datasets)]
+               for key in parse_datasets(args.datasets, args.severity)]
     for report in reports:
         print(report.line())
     bad = [r.key for r in reports if not r.ok(args.allow_partial)]

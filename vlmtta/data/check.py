@@ -38,7 +38,7 @@ class CheckReport:
 
     def line(self) -> str:
         """One line for the terminal."""
-        head = f"{self.key:<16} {self.status:<8} {self.found:>6} / {self.expected:<6}"
+        head = f"{self.key:<{16 if ':' not in self.key else 30}} {self.status:<8} {self.found:>6} / {self.expected:<6}"
         if self.missing_folders or self.error:
             return f"{head} {self.error or 'missing: ' + ', '.join(self.missing_folders)}"
         details = [f"{self.layout} layout at {self.folder}"]
@@ -71,6 +71,9 @@ def check_dataset(key: str, root: str | Path, splits_dir: str | Path | None = No
         return report
     except ValueError as error:
         report.error = str(error)
+        return report
+    if split.rows is not None:  # .npy rows: the reader checked the arrays' dtype, shape and labels
+        report.found = len(split)
         return report
     present = [path for path in split.paths if path.is_file()]
     report.missing_files = [str(path) for path in split.paths if not path.is_file()]

@@ -9,18 +9,26 @@ Labels follow the shipped class lists of ``vlmtta.prompts`` (``dataset_classname
   the rank of the folder among the 1000 sorted wnid folders (sorted wnids = ImageNet index order);
 * ImageNet-A / -R: the position of that ImageNet index in the 200-class mask (``imagenet_masks.json``),
   i.e. the rank among the 200 sorted wnid folders;
-* ImageNet-V2: ``int(folder name)`` (folders ``0``..``999`` are ImageNet indices; not a string sort).
+* ImageNet-V2: ``int(folder name)`` (folders ``0``..``999`` are ImageNet indices; not a string sort);
+* ImageNet-C: as ImageNet val, in each ``<corruption>/<severity>/`` folder (``classnames.txt`` may sit in
+  the ``imagenet-c/`` folder);
+* CIFAR-10-C / -100-C (``.npy`` release): ``labels.npy`` [5 N] next to ``<corruption>.npy`` uint8 [5 N, 32, 32, 3],
+  whose rows ``(severity - 1) N .. severity N - 1`` are severity ``severity``; the images are rows, not files
+  (``Split.image``).
 """
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .catalog import DatasetSpec, get_spec
+import numpy as np
+
+from .catalog import SEVERITIES, DatasetSpec, get_spec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 _WNID = re.compile(r"n\d{8}")
@@ -37,21 +45,46 @@ class Split:
     key: str
     folder: Path  # the dataset folder that was found
     layout: str  # "coop" or "tpt" (which candidate folder matched)
-    paths: list[Path]
+    paths: list[Path]  # the file of each image (array datasets: the .npy file holding it)
     labels: list[int]
     classnames: list[str]
+    rows: list[int] | None = None  # array datasets: image i is row rows[i] of the [N, H, W, 3] array in paths[i]
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def image(self, index: int) -> Path | np.ndarray:
+        """What ``vlmtta.images.load_image`` reads for image ``index``: its file, or its HxWx3 row of an array."""
+        if self.rows is None:
+            return self.paths[index]
+        return load_array(self.paths[index])[self.rows[index]]
+
+    @property
+    def images(self) -> Sequence[Path | np.ndarray]:
+        """Every image as ``image(i)`` gives it, indexable lazily (arrays stay memory-mapped)."""
+        return self.paths if self.rows is None else _Images(self)
+
     def relative_paths(self) -> list[str]:
-        return [str(path.relative_to(self.folder)) for path in self.paths]
+        """Stable names of the images (file paths relative to the folder; ``file.npy[row]`` for array rows)."""
+        names = [str(path.relative_to(self.folder)) for path in self.paths]
+        return names if self.rows is None else [f"{name}[{row}]" for name, row in zip(names, self.rows)]
+
+
+class _Images(Sequence):
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        return self.split.image(index)
 
 
 def find_folder(spec: DatasetSpec, root: str | Path) -> tuple[Path, str]:
     """The dataset folder under ``root`` and its layout name; ``DatasetNotFound`` names every candidate."""
     root = Path(root).expanduser()
-    for folder, layout in zip(spec.folders, ("coop", "tpt")):
+    for folder, layout in zip(spec.folders, spec.layouts):
         if (root / folder).is_dir():
             return root / folder, layout
     raise DatasetNotFound(f"{spec.key}: no folder {' or '.join(repr(str(root / f)) for f in spec.folders)} "
@@ -62,16 +95,20 @@ def read_split(key: str, root: str | Path, splits_dir: str | Path | None = None)
     """The test split of dataset ``key`` under ``root`` (files are listed, not opened)."""
     spec = get_spec(key)
     folder, layout = find_folder(spec, root)
-    classnames = spec.classnames
-    if spec.reader == "coop_split":
-        pairs = _coop_split(spec, folder, Path(root).expanduser(), splits_dir)
+    classnames, rows = spec.classnames, None
+    if spec.reader == "npy_arrays":
+        paths, labels, rows = _npy_arrays(spec, folder)
     else:
-        pairs = {"aircraft": _aircraft, "wnid_folders": _wnid_folders, "index_folders": _index_folders}[spec.reader](
-            spec, folder)
-    bad = sorted({label for _, label in pairs if not 0 <= label < len(classnames)})
+        if spec.reader == "coop_split":
+            pairs = _coop_split(spec, folder, Path(root).expanduser(), splits_dir)
+        else:
+            readers = {"aircraft": _aircraft, "wnid_folders": _wnid_folders, "index_folders": _index_folders}
+            pairs = readers[spec.reader](spec, folder)
+        paths, labels = [p for p, _ in pairs], [lab for _, lab in pairs]
+    bad = sorted({label for label in labels if not 0 <= label < len(classnames)})
     if bad:
         raise ValueError(f"{key}: labels {bad[:5]} fall outside the {len(classnames)} classes of {key}.")
-    return Split(key, folder, layout, [p for p, _ in pairs], [lab for _, lab in pairs], classnames)
+    return Split(key, folder, layout, paths, labels, classnames, rows)
 
 
 def split_file(spec: DatasetSpec, folder: Path, root: Path, splits_dir: str | Path | None = None) -> Path:
@@ -180,3 +217,36 @@ def _wnid_folders(spec: DatasetSpec, folder: Path) -> list[tuple[Path, int]]:
     order, _ = wnid_order(spec, folder)
     folders = sorted((d for d in folder.iterdir() if d.is_dir() and d.name in order), key=lambda d: order[d.name])
     return [(path, order[d.name]) for d in folders for path in _images(d)]
+
+
+def load_array(path: Path) -> np.ndarray:
+    """The ``.npy`` array in ``path``, memory-mapped read-only (opened once per process and file version)."""
+    stat = path.stat()
+    return _memory_map(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=64)
+def _memory_map(path: Path, mtime_ns: int, size: int) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable .npy array ({error}).") from error
+
+
+def _npy_arrays(spec: DatasetSpec, folder: Path) -> tuple[list[Path], list[int], list[int]]:
+    """CIFAR-10-C style: the rows of ``<corruption>.npy`` that hold ``spec.severity``, and their ``labels.npy``."""
+    images_file, labels_file = folder / f"{spec.corruption}.npy", folder / "labels.npy"
+    for path in (images_file, labels_file):
+        if not path.is_file():
+            raise DatasetNotFound(f"{spec.key}: {path} is missing.")
+    images, labels = load_array(images_file), load_array(labels_file)
+    levels = len(SEVERITIES)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not len(images) or len(images) % levels:
+        raise ValueError(f"{images_file}: expected uint8 [{levels} * N, H, W, 3] (N images per severity 1..{levels}), "
+                         f"got {images.dtype} {list(images.shape)}.")
+    if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
+        raise ValueError(f"{labels_file}: expected {len(images)} integer labels (one per row of {images_file.name}), "
+                         f"got {labels.dtype} {list(labels.shape)}.")
+    per = len(images) // levels
+    rows = list(range((spec.severity - 1) * per, spec.severity * per))
+    return [images_file] * per, [int(label) for label in labels[rows[0]:rows[-1] + 1]], rows

@@ -19,10 +19,10 @@ import torch
 from ..api import Adapter
 from ..backbone import FrozenCLIP, load_backbone
 from ..methods import Need, method_names
+from ..streams import StreamOrder, iid_order, stream_order
 from ..views import make_views, view_seed
 from . import corruptions as C
 from .fashion_mnist import CLASSNAMES, load_split, to_rgb
-from .streams import iid_order, stream_order
 
 MODEL = "vlmtta-testbed"
 _CANNOT_RUN = (ImportError, OSError, RuntimeError, ValueError, NotImplementedError)
@@ -105,7 +105,7 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
         severity: corruption severity 1..5.
         n_per_corruption: test images per corruption (the same seeded subset for each), ``None`` = all.
         corruptions: names from ``corruptions.corruption_names()`` (and/or ``"clean"``); default: all.
-        order: stream order, ``iid`` or ``dirichlet``.
+        order: stream order (``vlmtta.streams``), e.g. ``iid`` or ``dirichlet:0.1``.
         options: per-method hyperparameters, e.g. ``{"tpt": {"n_views": 16}}``.
         backbone: a ``FrozenCLIP`` (default: ``load_backbone("vlmtta-testbed", device=device)``).
         progress: called with a line after every cell.
@@ -119,7 +119,7 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
     adapters, errors = _adapters(methods, backbone, seed, options or {})
     images, labels = subset(n_per_corruption, seed)
     result = SuiteResult({name: {} for name in adapters}, errors, {name: 0.0 for name in adapters},
-                         _protocol(adapters, severity, len(labels), seed, order, backbone))
+                         _protocol(adapters, severity, labels, seed, order, backbone))
     for corruption in corruptions:
         stream, truth = corrupted_stream(images, labels, corruption, severity, seed, order)
         views = ViewFeatures(backbone, stream, seed)
@@ -149,10 +149,11 @@ def _adapters(methods: list[str], backbone: FrozenCLIP, seed: int,
     return adapters, errors
 
 
-def _protocol(adapters: dict[str, Adapter], severity: int, n: int, seed: int, order: str,
+def _protocol(adapters: dict[str, Adapter], severity: int, labels: torch.Tensor, seed: int, order: str,
               backbone: FrozenCLIP) -> dict[str, Any]:
-    return {"backbone": backbone.describe(), "dataset": "fashion-mnist test", "images_per_corruption": n,
-            "severity": severity, "seed": seed, "order": order,
+    stream = StreamOrder.parse(order).describe(seed, int(labels.unique().numel()))
+    return {"backbone": backbone.describe(), "dataset": "fashion-mnist test", "images_per_corruption": len(labels),
+            "severity": severity, "seed": seed, "order": order, "stream": stream,
             "methods": {name: adapter.protocol() for name, adapter in adapters.items()}}
 
 
@@ -200,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--severity", type=int, default=3)
     parser.add_argument("-n", "--n-per-corruption", type=int, default=DEFAULT_N)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--order", default="iid", choices=["iid", "dirichlet"])
+    parser.add_argument("--order", default="iid", help="iid (default) or dirichlet[:ALPHA] (vlmtta.streams)")
     parser.add_argument("--severities", action="store_true", help="zero-shot accuracy at every severity instead")
     parser.add_argument("--format", default="text", choices=["text", "markdown", "csv"])
     args = parser.parse_args(argv)
