@@ -16,14 +16,14 @@ import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 
-from .cache import EmbeddingCache, cache_key
+from .cache import CorruptFileError, EmbeddingCache, cache_key, one_line
 from .prompts import resolve_templates
 from .text import TextTower, encode_tokens
 
@@ -98,6 +98,29 @@ def _validate_source(model: str, pretrained: str | None) -> None:
     if pretrained not in tags:
         raise ValueError(f"Unknown pretrained weights {pretrained!r} for {model}: give one of {', '.join(tags) or 'no tags'}, "
                          "a path to a local checkpoint file, or None for random weights.")
+
+
+def _local_weights(model: str, pretrained: str | None) -> Path | None:
+    """The local file (or ``local-dir:`` folder) the weights come from, if any."""
+    if model.startswith("local-dir:"):
+        return Path(model.split(":", 1)[1]).expanduser()
+    if pretrained not in RANDOM_WEIGHTS and Path(str(pretrained)).expanduser().is_file():
+        return Path(str(pretrained)).expanduser()
+    return None
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(model: str, pretrained: str | None) -> Iterator[None]:
+    """Turn a failure to load a local checkpoint (damaged, truncated, unsafe pickle, wrong model) into one line."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - unpickling damaged bytes raises errors of many types
+        local = _local_weights(model, pretrained)
+        if local is None:
+            raise
+        raise CorruptFileError(f"Cannot load weights for {model} from {local}: {one_line(error)}") from error
 
 
 _AUTOCAST_CAST_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
@@ -178,7 +201,8 @@ class FrozenCLIP:
         self.device = resolve_device(device)
         _validate_source(source, pretrained)
         force_quick_gelu = wants_quick_gelu(source, pretrained) if quick_gelu is None else quick_gelu
-        self.model = self._create(source, pretrained, force_quick_gelu, weights_dir, init_seed)
+        with _checkpoint_errors(source, pretrained):
+            self.model = self._create(source, pretrained, force_quick_gelu, weights_dir, init_seed)
         self.tokenizer = open_clip.get_tokenizer(source)
         self.preprocess_cfg = open_clip.get_model_preprocess_cfg(self.model)
         self.text_tower = TextTower.of(self.model)
