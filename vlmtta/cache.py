@@ -34,8 +34,10 @@ class CorruptFileError(ValueError):
 def one_line(error: BaseException, limit: int = 240) -> str:
     """``Type: first sentence of the message`` on one line (at most ``limit`` characters), for error reports."""
     text = str(error)
-    if "WeightsUnpickler error:" in text:  # torch's weights-only refusal: keep its reason, not its advice
-        text = "refused by the weights-only unpickler: " + text.split("WeightsUnpickler error:", 1)[1].strip()
+    if text.startswith("Weights only load failed"):  # torch's refusal: keep its reason, not its advice
+        lines = [line.split("WeightsUnpickler error:")[-1].strip() for line in text.splitlines()[1:]]
+        text = "refused by the weights-only unpickler: " + " ".join(
+            line for line in lines if line and not line.startswith(("Please file", "Check the documentation")))
     text = " ".join(text.split())
     text = text[:text.index(". ") + 1] if ". " in text else text
     text = text if len(text) <= limit else text[:limit - 3] + "..."
@@ -45,7 +47,9 @@ def one_line(error: BaseException, limit: int = 240) -> str:
 def load_torch_file(path: str | Path, what: str = "torch file") -> Any:
     """``torch.load(path, weights_only=True)`` onto the CPU; any failure but a missing file is a ``CorruptFileError``."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a hostile pickle's protocol is no news once it is refused
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as error:  # noqa: BLE001 - unpickling damaged bytes raises errors of many types
