@@ -104,7 +104,10 @@ def test_damaged_view_cache_is_rebuilt_never_used(tree, tiny_model_dir, tiny_bac
     with pytest.warns(UserWarning, match="View-feature cache"):
         again = _record(tree, tiny_model_dir, force=True)
     assert torch.equal(again, clean)  # the run saw exactly the clean features
-    assert tiny_backbone.counters["images_encoded"] > before  # the damaged rows were encoded again
+    if file == "meta.json":  # rewritten; the rows pass their checksums and are kept
+        assert tiny_backbone.counters["images_encoded"] == before
+    else:  # the damaged rows were encoded again
+        assert tiny_backbone.counters["images_encoded"] > before
     cache = _reopen(folder)
     assert cache.verify().size == 0 and cache.missing().size == 0 and cache.complete
 

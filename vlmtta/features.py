@@ -8,9 +8,9 @@ dataset, list of images, view configuration (policy, number of views, size, norm
 Rows are flushed before their index entry, so a killed encoding resumes with the rows it had finished.
 
 Damage is detected, never used: opening checks ``meta.json`` and both arrays' headers and sizes (a cache
-whose structure is broken is rebuilt; a truncated or extended array is resized and every row checked),
-and every row is checked against its checksum (and for finiteness) as it is read.  Damaged rows are
-re-encoded, with a warning.  Processes share a cache through a file lock (``<key>.lock`` next to the
+whose headers or settings are wrong is rebuilt; a lost ``meta.json`` is rewritten and an array of the wrong
+size resized, then every row is checked), and every row is checked against its checksum (and for
+finiteness) as it is read.  Damaged rows are re-encoded, with a warning.  Processes share a cache through a file lock (``<key>.lock`` next to the
 folder): opening, encoding and repairing hold it; reading written rows does not need it.
 
 ``load_features_file``: the ``--features FILE.pt`` source (see ``FeatureFile``).
@@ -104,25 +104,30 @@ class ViewFeatureCache:
         with _locked(lock, folder):
             if folder.exists():
                 meta = read_json(folder / "meta.json")
-                problem, resized = _structure_problem(folder, meta, expected)
+                problem, repaired = _structure_problem(folder, meta, expected)
                 if problem is None:
-                    cache = cls(folder, meta, lock, encoder)
-                    if resized:
-                        bad = cache.verify()
-                        warnings.warn(f"View-feature cache {folder}: {', '.join(resized)} had the wrong size; "
-                                      f"{len(bad)} row(s) failed their checksum and will be re-encoded.", stacklevel=2)
-                    elif cache.complete and cache.missing().size:
-                        warnings.warn(f"View-feature cache {folder} says complete but {cache.missing().size} row(s) "
-                                      "are not marked written; re-encoding them.", stacklevel=2)
-                    return cache
+                    return cls._reopen(folder, meta or _new_meta(folder, expected), lock, encoder, repaired)
                 warnings.warn(f"View-feature cache {folder} is damaged ({problem}); rebuilding it.", stacklevel=2)
                 shutil.rmtree(folder)
             folder.mkdir()
             np.lib.format.open_memmap(folder / "features.npy", "w+", np.float16, (n, n_views, dim)).flush()
             np.lib.format.open_memmap(folder / "written.npy", "w+", np.uint64, (n,)).flush()
-            meta = {**expected, "complete": False, "encode_s": 0.0}
-            write_json(folder / "meta.json", meta)  # last: a folder without it is an unfinished creation
-            return cls(folder, meta, lock, encoder)
+            return cls(folder, _new_meta(folder, expected), lock, encoder)
+
+    @classmethod
+    def _reopen(cls, folder: Path, meta: dict, lock: FileLock, encoder: Callable[["ViewFeatureCache"], Any] | None,
+                repaired: list[str]) -> "ViewFeatureCache":
+        """An existing cache; after a repair of its files, every row is checked against its checksum."""
+        cache = cls(folder, meta, lock, encoder)
+        if repaired:
+            bad = cache.verify()
+            cache.finish(0.0)  # records whether it is still complete
+            warnings.warn(f"View-feature cache {folder}: repaired {', '.join(repaired)}; {bad.size} row(s) failed "
+                          f"their checksum, {cache.missing().size} will be (re-)encoded.", stacklevel=3)
+        elif cache.complete and cache.missing().size:
+            warnings.warn(f"View-feature cache {folder} says complete but {cache.missing().size} row(s) are not "
+                          "marked written; re-encoding them.", stacklevel=3)
+        return cache
 
     @property
     def complete(self) -> bool:
@@ -200,14 +205,23 @@ class ViewFeatureCache:
             return data
 
 
+def _new_meta(folder: Path, expected: dict) -> dict:
+    """Write a fresh ``meta.json`` (last when creating: a folder without one is an unfinished creation)."""
+    meta = {**expected, "complete": False, "encode_s": 0.0}
+    write_json(folder / "meta.json", meta)
+    return meta
+
+
 def _structure_problem(folder: Path, meta: dict | None, expected: dict) -> tuple[str | None, list[str]]:
-    """Why the cache in ``folder`` cannot be used (``None`` if it can), and which arrays were resized to fit."""
-    if meta is None:
-        return "meta.json missing or unreadable", []
-    wrong = [key for key, value in expected.items() if meta.get(key) != value]
+    """Why the cache in ``folder`` must be rebuilt (``None`` if it need not), and what was repaired in place.
+
+    A missing or unreadable ``meta.json`` is rewritten (the folder name is the hash of its contents) and an
+    array of the wrong size is truncated or zero-extended to fit; the row checksums then tell which rows survive.
+    """
+    repaired = [] if isinstance(meta, dict) else ["meta.json (missing or unreadable)"]
+    wrong = [key for key, value in expected.items() if isinstance(meta, dict) and meta.get(key) != value]
     if wrong:
         return f"meta.json: {', '.join(wrong)} differ from this run's (cache format {meta.get('format')})", []
-    resized = []
     arrays = {"features.npy": (np.float16, (expected["n"], expected["n_views"], expected["dim"])),
               "written.npy": (np.uint64, (expected["n"],))}
     for name, (dtype, shape) in arrays.items():
@@ -221,8 +235,8 @@ def _structure_problem(folder: Path, meta: dict | None, expected: dict) -> tuple
         if found != size:  # truncated (zero-extended here: those rows fail their checksum) or extended
             with open(path, "r+b") as handle:
                 handle.truncate(size)
-            resized.append(f"{name} ({found} bytes, expected {size})")
-    return None, resized
+            repaired.append(f"{name} ({found} bytes, expected {size})")
+    return None, repaired
 
 
 @contextlib.contextmanager
