@@ -128,6 +128,17 @@ def test_damaged_row_without_encoder_is_refused(tree, tiny_model_dir):
         cache.row(3)
 
 
+def test_cache_of_an_older_format_is_rebuilt(tmp_path):
+    cache = ViewFeatureCache.open(tmp_path, {"k": 1}, 4, 2, 3)
+    cache.write([0, 1, 2, 3], torch.ones(4, 2, 3))
+    meta = json.loads((cache.folder / "meta.json").read_text())
+    (cache.folder / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    np.save(cache.folder / "written.npy", np.ones(4, np.uint8))  # format 1: a uint8 mask without checksums
+    with pytest.warns(UserWarning, match="cache format 1; this version reads format 2"):
+        again = ViewFeatureCache.open(tmp_path, {"k": 1}, 4, 2, 3)
+    assert again.missing().tolist() == [0, 1, 2, 3]
+
+
 def test_cache_refuses_to_store_non_finite_features(tree, tmp_path):
     cache = ViewFeatureCache.open(tmp_path, {"k": 1}, 4, 2, 3)
     with pytest.raises(RuntimeError, match="non-finite"):

@@ -7,11 +7,12 @@ It lives in ``<cache_dir>/views/<key>/`` where the key hashes the model identity
 dataset, list of images, view configuration (policy, number of views, size, normalisation) and seed.
 Rows are flushed before their index entry, so a killed encoding resumes with the rows it had finished.
 
-Damage is detected, never used: opening checks ``meta.json`` and both arrays' headers and sizes (a cache
-whose headers or settings are wrong is rebuilt; a lost ``meta.json`` is rewritten and an array of the wrong
-size resized, then every row is checked), and every row is checked against its checksum (and for
-finiteness) as it is read.  Damaged rows are re-encoded, with a warning.  Processes share a cache through a file lock (``<key>.lock`` next to the
-folder): opening, encoding and repairing hold it; reading written rows does not need it.
+Damage is detected, never used: opening checks ``meta.json`` and both arrays' headers and sizes (a
+cache whose headers or settings are wrong is rebuilt; a lost ``meta.json`` is rewritten and an array
+of the wrong size resized, then every row is checked), and every row is checked against its checksum
+(and for finiteness) as it is read.  Damaged rows are re-encoded, with a warning.  Processes share a
+cache through a file lock (``<key>.lock`` next to the folder): opening, encoding and repairing hold
+it; reading written rows does not need it.
 
 ``load_features_file``: the ``--features FILE.pt`` source (see ``FeatureFile``).
 """
@@ -67,7 +68,7 @@ def _npy_problem(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[s
                 np.lib.format.read_array_header_2_0
             found_shape, fortran, found_dtype = read_header(handle)
             offset = handle.tell()
-    except (OSError, ValueError, SyntaxError) as error:
+    except (OSError, ValueError, SyntaxError, TypeError) as error:
         return f"{path.name}: unreadable header ({error})", 0
     if found_shape != shape or found_dtype != dtype or fortran:
         return f"{path.name}: holds {found_dtype} {found_shape}, expected {np.dtype(dtype)} {shape}", 0
@@ -107,7 +108,7 @@ class ViewFeatureCache:
                 problem, repaired = _structure_problem(folder, meta, expected)
                 if problem is None:
                     return cls._reopen(folder, meta or _new_meta(folder, expected), lock, encoder, repaired)
-                warnings.warn(f"View-feature cache {folder} is damaged ({problem}); rebuilding it.", stacklevel=2)
+                warnings.warn(f"View-feature cache {folder} cannot be used ({problem}); rebuilding it.", stacklevel=2)
                 shutil.rmtree(folder)
             folder.mkdir()
             np.lib.format.open_memmap(folder / "features.npy", "w+", np.float16, (n, n_views, dim)).flush()
@@ -219,6 +220,8 @@ def _structure_problem(folder: Path, meta: dict | None, expected: dict) -> tuple
     array of the wrong size is truncated or zero-extended to fit; the row checksums then tell which rows survive.
     """
     repaired = [] if isinstance(meta, dict) else ["meta.json (missing or unreadable)"]
+    if isinstance(meta, dict) and meta.get("format") != CACHE_FORMAT:
+        return f"written in cache format {meta.get('format')}; this version reads format {CACHE_FORMAT}", []
     wrong = [key for key, value in expected.items() if isinstance(meta, dict) and meta.get(key) != value]
     if wrong:
         return f"meta.json: {', '.join(wrong)} differ from this run's (cache format {meta.get('format')})", []
