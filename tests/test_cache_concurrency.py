@@ -155,10 +155,11 @@ def _bench_worker(tree: str, model: str, index: int, barrier, queue) -> None:
         backbone = load_backbone(model, None, "cpu")
         before = backbone.counters["images_encoded"]
         barrier.wait()
-        result = run_bench(BenchSpec(methods=["zeroshot"], results_dir=Path(tree) / f"results{index}", dataset="eurosat",
-                                     root=Path(tree) / "data", model=model, pretrained=None, device="cpu",
-                                     cache_dir=Path(tree) / "cache", progress=False, options={"n_views": 4},
-                                     augmentation="rrc_flip", batch_views=8))[0]
+        spec = BenchSpec(methods=["zeroshot"], results_dir=Path(tree) / f"results{index}", dataset="eurosat",
+                         root=Path(tree) / "data", model=model, pretrained=None, device="cpu",
+                         cache_dir=Path(tree) / "cache", progress=False, options={"n_views": 4},
+                         augmentation="rrc_flip", batch_views=8)
+        result = run_bench(spec)[0]
         queue.put((result["correct"], backbone.counters["images_encoded"] - before, None))
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((None, None, traceback.format_exc()))

@@ -179,6 +179,20 @@ def test_damaged_text_cache_is_rebuilt_never_used(tiny_model_dir, tmp_path, dama
     assert reloaded.counters["texts_encoded"] == 0
 
 
+def test_text_cache_entry_of_an_older_format_is_replaced(tiny_model_dir, tmp_path):
+    import warnings
+
+    expected = FrozenCLIP(tiny_model_dir, None, "cpu", cache_dir=tmp_path).class_embeddings(["a", "b"])
+    (path,) = tmp_path.glob("*.pt")
+    entry = torch.load(path, weights_only=True)
+    torch.save({"format": 1, "key": entry["key"], "tensor": torch.zeros_like(expected)}, path)  # no checksum
+    backbone = FrozenCLIP(tiny_model_dir, None, "cpu", cache_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an outdated entry is no damage: replaced quietly
+        assert torch.equal(backbone.class_embeddings(["a", "b"]), expected)
+    assert torch.load(path, weights_only=True)["format"] == 2
+
+
 # ---- DiffTPT's diffusion image cache -----------------------------------------------------------------------------
 def _valid_png_of_other_size(path):
     from PIL import Image

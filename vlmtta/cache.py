@@ -45,7 +45,7 @@ def one_line(error: BaseException, limit: int = 240) -> str:
 
 
 def load_torch_file(path: str | Path, what: str = "torch file") -> Any:
-    """``torch.load(path, weights_only=True)`` onto the CPU; any failure but a missing file is a ``CorruptFileError``."""
+    """``torch.load(path, weights_only=True)`` onto the CPU; any failure but a missing file is a CorruptFileError."""
     try:
         with warnings.catch_warnings():  # a hostile pickle's protocol is no news once it is refused
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -134,6 +134,9 @@ class EmbeddingCache:
             return None
         try:
             entry = load_torch_file(path, "embedding cache file")
+            if isinstance(entry, dict) and entry.get("format") in range(1, CACHE_FORMAT):
+                log.info("rebuilding embedding cache file %s of cache format %s", path, entry["format"])
+                return None  # an older version's entry: replaced on store
             if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT or entry.get("key") != key:
                 raise ValueError("entry holds another key or format")
             tensor = entry.get("tensor")

@@ -194,7 +194,7 @@ class DiffusionViews:
         return [k for k in range(count) if not (folder / f"{k:04d}.png").is_file()]
 
     def get(self, pixels: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
-        """The first ``count`` variations of uint8 ``pixels`` [3, H, W] as uint8 [count, 3, h, w], generating missing ones.
+        """The first ``count`` variations of uint8 ``pixels`` [3, H, W] as uint8 [count, 3, h, w], made if missing.
 
         A cached file that does not decode as a complete PNG (PNG's zlib checksum catches damaged bytes) or
         differs in size from the others is deleted and generated again, with a warning; never used.
