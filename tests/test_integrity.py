@@ -323,3 +323,16 @@ def test_damaged_local_dir_weights_are_one_line(tmp_path, damage):
     CHECKPOINT_DAMAGE[damage](tmp_path / "model" / "open_clip_pytorch_model.bin")
     with pytest.raises(CorruptFileError, match="Cannot load weights"):
         FrozenCLIP(spec, None, "cpu")
+
+
+@pytest.mark.parametrize("error", [pickle.UnpicklingError("invalid load key, '\\x00'."), EOFError(),
+                                   RuntimeError("PytorchStreamReader failed reading zip archive: failed finding "
+                                                "central directory")])
+def test_damaged_downloaded_weights_are_one_line(monkeypatch, error):
+    def damaged_download(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(open_clip, "create_model", damaged_download)
+    with pytest.raises(CorruptFileError, match="cached download looks damaged") as caught:
+        FrozenCLIP("ViT-B-32", "openai", "cpu")
+    assert "\n" not in str(caught.value)

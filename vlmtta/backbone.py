@@ -10,6 +10,7 @@ import contextlib
 import difflib
 import hashlib
 import logging
+import pickle
 import re
 import threading
 import warnings
@@ -109,18 +110,28 @@ def _local_weights(model: str, pretrained: str | None) -> Path | None:
     return None
 
 
+def _is_damaged_file_error(error: Exception) -> bool:
+    """Whether ``error`` is what ``torch.load`` raises on a damaged, truncated or unsafe file."""
+    return isinstance(error, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)) or (
+        isinstance(error, RuntimeError) and "PytorchStreamReader" in str(error))
+
+
 @contextlib.contextmanager
 def _checkpoint_errors(model: str, pretrained: str | None) -> Iterator[None]:
-    """Turn a failure to load a local checkpoint (damaged, truncated, unsafe pickle, wrong model) into one line."""
+    """Turn a failure to load a checkpoint file (damaged, truncated, unsafe pickle, wrong model) into one line."""
     try:
         yield
     except FileNotFoundError:
         raise
     except Exception as error:  # noqa: BLE001 - unpickling damaged bytes raises errors of many types
         local = _local_weights(model, pretrained)
-        if local is None:
-            raise
-        raise CorruptFileError(f"Cannot load weights for {model} from {local}: {one_line(error)}") from error
+        if local is not None:
+            raise CorruptFileError(f"Cannot load weights for {model} from {local}: {one_line(error)}") from error
+        if _is_damaged_file_error(error):
+            raise CorruptFileError(f"Cannot load the downloaded weights {pretrained!r} for {model}: {one_line(error)}; "
+                                   "the cached download looks damaged: delete it (weights_dir, or the Hugging Face "
+                                   "cache) and run again.") from error
+        raise
 
 
 _AUTOCAST_CAST_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
