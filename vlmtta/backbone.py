@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import logging
 import os
+import pickle
 import re
 import socket
 import threading
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 
-from .cache import EmbeddingCache, cache_key
+from .cache import CorruptFileError, EmbeddingCache, cache_key, one_line
 from .prompts import resolve_templates
 from .text import TextTower, encode_tokens
 
@@ -164,6 +165,8 @@ def _hub_access(model: str, pretrained: str | None) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError, ValueError) as error:
+        if _is_damaged_file_error(error):
+            raise  # a damaged cached download, not a missing one: _checkpoint_errors says so
         weights = model if pretrained is None else f"{pretrained!r} for {model}"
         raise WeightsUnavailable(f"Cannot load weights {weights}: no network (or HF_HUB_OFFLINE is set) and they are "
                                  f"not in the local cache; {OFFLINE_HINT}.") from error
@@ -196,6 +199,39 @@ def _validate_source(model: str, pretrained: str | None) -> None:
     if pretrained not in tags:
         raise ValueError(f"Unknown pretrained weights {pretrained!r} for {model}: give one of {', '.join(tags) or 'no tags'}, "
                          "a path to a local checkpoint file, or None for random weights.")
+
+
+def _local_weights(model: str, pretrained: str | None) -> Path | None:
+    """The local file (or ``local-dir:`` folder) the weights come from, if any."""
+    if model.startswith("local-dir:"):
+        return Path(model.split(":", 1)[1]).expanduser()
+    if pretrained not in RANDOM_WEIGHTS and Path(str(pretrained)).expanduser().is_file():
+        return Path(str(pretrained)).expanduser()
+    return None
+
+
+def _is_damaged_file_error(error: Exception) -> bool:
+    """Whether ``error`` is what ``torch.load`` raises on a damaged, truncated or unsafe file."""
+    return isinstance(error, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)) or (
+        isinstance(error, RuntimeError) and "PytorchStreamReader" in str(error))
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(model: str, pretrained: str | None) -> Iterator[None]:
+    """Turn a failure to load a checkpoint file (damaged, truncated, unsafe pickle, wrong model) into one line."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - unpickling damaged bytes raises errors of many types
+        local = _local_weights(model, pretrained)
+        if local is not None:
+            raise CorruptFileError(f"Cannot load weights for {model} from {local}: {one_line(error)}") from error
+        if _is_damaged_file_error(error):
+            raise CorruptFileError(f"Cannot load the downloaded weights {pretrained!r} for {model}: {one_line(error)}; "
+                                   "the cached download looks damaged: delete it (weights_dir, or the Hugging Face "
+                                   "cache) and run again.") from error
+        raise
 
 
 _AUTOCAST_CAST_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
@@ -276,7 +312,8 @@ class FrozenCLIP:
         self.device = resolve_device(device)
         _validate_source(source, pretrained)
         force_quick_gelu = wants_quick_gelu(source, pretrained) if quick_gelu is None else quick_gelu
-        self.model = self._create(source, pretrained, force_quick_gelu, weights_dir, init_seed)
+        with _checkpoint_errors(source, pretrained):
+            self.model = self._create(source, pretrained, force_quick_gelu, weights_dir, init_seed)
         self.tokenizer = open_clip.get_tokenizer(source)
         self.preprocess_cfg = open_clip.get_model_preprocess_cfg(self.model)
         self.text_tower = TextTower.of(self.model)

@@ -203,14 +203,18 @@ class _Source:
         return predict, {"views_from": "images (encoded per method)"}
 
     def view_cache(self, config) -> ViewFeatureCache:
-        """The view-feature cache for ``config``, encoding the rows still missing."""
+        """The view-feature cache for ``config``, encoding the rows still missing (and any found damaged later)."""
         paths = self.split.relative_paths()
         parts = view_cache_parts(self.backbone, self.name, paths, config, self.spec.seed)
+
+        def encode(target: ViewFeatureCache) -> int:
+            return encode_missing(target, self.split.images, self.backbone, config, self.name, self.spec.seed,
+                                  batch_views=self.spec.batch_views, workers=self.spec.workers,
+                                  progress=self.spec.progress, on_rows=_encode_hook)
+
         cache = ViewFeatureCache.open(self.spec.cache_dir or default_cache_dir(), parts, len(paths), config.n_views,
-                                      self.backbone.embed_dim)
-        encode_missing(cache, self.split.images, self.backbone, config, self.name, self.spec.seed,
-                       batch_views=self.spec.batch_views, workers=self.spec.workers, progress=self.spec.progress,
-                       on_rows=_encode_hook)
+                                      self.backbone.embed_dim, encoder=encode)
+        encode(cache)
         return cache
 
 

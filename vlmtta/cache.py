@@ -1,8 +1,13 @@
 """Embedding caches: in memory on the model's device, and optionally on disk.
 
-Disk entries are written atomically (temporary file + ``os.replace``), loaded with
-``weights_only=True``, and checked on load: a file that is unreadable, holds another key or
-non-finite values is reported, deleted and rebuilt instead of crashing the run.
+Disk entries are written atomically (temporary file + ``os.replace``) with a SHA-256 of the tensor's
+bytes, loaded with ``weights_only=True``, and checked on load: a file that is unreadable, holds another
+key, fails its checksum (``torch.load`` does not check the bytes it reads) or holds non-finite values is
+reported, deleted and rebuilt instead of crashing the run or being used.
+
+``load_torch_file`` is the one place other ``.pt`` files (features files, learned contexts) are read:
+``weights_only=True``, and any failure (truncated, garbage, a pickle that is not plain tensors) becomes
+one ``CorruptFileError`` line.
 """
 from __future__ import annotations
 
@@ -19,7 +24,43 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries carry the SHA-256 of their tensor
+
+
+class CorruptFileError(ValueError):
+    """A file that cannot be used: damaged, truncated, not what it should hold, or unsafe to unpickle."""
+
+
+def one_line(error: BaseException, limit: int = 240) -> str:
+    """``Type: first sentence of the message`` on one line (at most ``limit`` characters), for error reports."""
+    text = str(error)
+    if text.startswith("Weights only load failed"):  # torch's refusal: keep its reason, not its advice
+        lines = [line.split("WeightsUnpickler error:")[-1].strip() for line in text.splitlines()[1:]]
+        text = "refused by the weights-only unpickler: " + " ".join(
+            line for line in lines if line and not line.startswith(("Please file", "Check the documentation")))
+    text = " ".join(text.split())
+    text = text[:text.index(". ") + 1] if ". " in text else text
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def load_torch_file(path: str | Path, what: str = "torch file") -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU; any failure but a missing file is a CorruptFileError."""
+    try:
+        with warnings.catch_warnings():  # a hostile pickle's protocol is no news once it is refused
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - unpickling damaged bytes raises errors of many types
+        hint = "" if isinstance(error, OSError) else " (damaged, truncated, or not plain tensors saved by torch.save)"
+        raise CorruptFileError(f"Cannot load {what} {path}: {one_line(error)}{hint}.") from error
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode() + flat.tobytes()).hexdigest()
 
 
 def cache_key(*parts: Any) -> str:
@@ -92,13 +133,18 @@ class EmbeddingCache:
         if not path.is_file():
             return None
         try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            tensor = entry["tensor"]
-            if entry.get("format") != CACHE_FORMAT or entry.get("key") != key:
+            entry = load_torch_file(path, "embedding cache file")
+            if isinstance(entry, dict) and entry.get("format") in range(1, CACHE_FORMAT):
+                log.info("rebuilding embedding cache file %s of cache format %s", path, entry["format"])
+                return None  # an older version's entry: replaced on store
+            if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT or entry.get("key") != key:
                 raise ValueError("entry holds another key or format")
-            if not isinstance(tensor, torch.Tensor) or not torch.isfinite(tensor).all():
-                raise ValueError("entry holds no finite tensor")
-        except Exception as error:  # noqa: BLE001 - any unreadable entry is rebuilt
+            tensor = entry.get("tensor")
+            if not isinstance(tensor, torch.Tensor) or entry.get("sha256") != tensor_digest(tensor):
+                raise ValueError("tensor fails its checksum")
+            if not torch.isfinite(tensor).all():
+                raise ValueError("entry holds non-finite values")
+        except ValueError as error:  # CorruptFileError included: any unusable entry is rebuilt
             warnings.warn(f"Ignoring corrupt embedding cache file {path} ({error}); rebuilding it.", stacklevel=3)
             path.unlink(missing_ok=True)
             return None
@@ -107,4 +153,6 @@ class EmbeddingCache:
 
     def _store(self, key: str, tensor: torch.Tensor) -> None:
         if self.directory is not None:
-            atomic_save({"format": CACHE_FORMAT, "key": key, "tensor": tensor.cpu()}, self._path(key))
+            tensor = tensor.cpu()
+            atomic_save({"format": CACHE_FORMAT, "key": key, "tensor": tensor, "sha256": tensor_digest(tensor)},
+                        self._path(key))

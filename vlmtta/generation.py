@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cache import CorruptFileError
 from .views import original_view, view_seed
 
 DEFAULT_PIPELINE = "lambdalabs/sd-image-variations-diffusers"
@@ -68,6 +71,23 @@ def _to_pil(pixels: torch.Tensor) -> Image.Image:
 
 def _from_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def _read_png(path: Path) -> torch.Tensor | None:
+    """The uint8 pixels [3, H, W] of a cached variation, or ``None`` when it is missing or not a complete PNG."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every byte: a damaged zlib stream or a truncated file raises here
+            return _from_pil(image) if image.format == "PNG" else None
+    except Exception:  # noqa: BLE001 - PIL raises many types for damaged files; all mean "generate again"
+        return None
+
+
+def _damaged(images: Sequence[torch.Tensor | None]) -> list[int]:
+    """Indices of the unreadable images and of those whose shape differs from the most frequent one."""
+    shapes = Counter(tuple(image.shape) for image in images if image is not None)
+    common = shapes.most_common(1)[0][0] if shapes else None
+    return [k for k, image in enumerate(images) if image is None or tuple(image.shape) != common]
 
 
 @dataclass
@@ -174,13 +194,33 @@ class DiffusionViews:
         return [k for k in range(count) if not (folder / f"{k:04d}.png").is_file()]
 
     def get(self, pixels: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
-        """The first ``count`` variations of uint8 ``pixels`` [3, H, W] as uint8 [count, 3, h, w], generating missing ones."""
+        """The first ``count`` variations of uint8 ``pixels`` [3, H, W] as uint8 [count, 3, h, w], made if missing.
+
+        A cached file that does not decode as a complete PNG (PNG's zlib checksum catches damaged bytes) or
+        differs in size from the others is deleted and generated again, with a warning; never used.
+        """
         if count == 0:
             return torch.empty(0, *pixels.shape, dtype=torch.uint8)
-        self.ensure(pixels, count, seed)
         folder = self.folder(pixels, seed)
+        self.ensure(pixels, count, seed)
+        images = self._read(folder, count)
+        damaged = _damaged(images)
+        if damaged:
+            warnings.warn(f"Diffusion cache {folder}: {len(damaged)} damaged variation(s) {damaged[:5]}; generating "
+                          "them again.", stacklevel=2)
+            for k in damaged:
+                (folder / f"{k:04d}.png").unlink(missing_ok=True)
+            self.ensure(pixels, count, seed)
+            images = self._read(folder, count)
+            if _damaged(images):
+                raise CorruptFileError(f"Diffusion cache {folder}: variation(s) {_damaged(images)[:5]} are still "
+                                       "unreadable after being generated again.")
+        return torch.stack(images)
+
+    @staticmethod
+    def _read(folder: Path, count: int) -> list[torch.Tensor | None]:
         with ThreadPoolExecutor(min(count, os.cpu_count() or 1)) as pool:  # PNG decoding releases the GIL
-            return torch.stack(list(pool.map(lambda k: _from_pil(Image.open(folder / f"{k:04d}.png")), range(count))))
+            return list(pool.map(lambda k: _read_png(folder / f"{k:04d}.png"), range(count)))
 
     def ensure(self, pixels: torch.Tensor, count: int, seed: int = 0) -> int:
         """Generate and store the missing ones of the first ``count`` variations; returns how many were made."""

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
+from .cache import load_torch_file
+
 if TYPE_CHECKING:
     from .backbone import FrozenCLIP
 
@@ -39,7 +41,7 @@ def init_context(backbone: "FrozenCLIP", n_ctx: int, ctx_init: str | None, seed:
 
 def load_context(path: str | Path, device: torch.device | str = "cpu") -> torch.Tensor:
     """A learned context [M, W] from a CoOp checkpoint (``{'state_dict': {'ctx': ...}}``), a state dict or a tensor."""
-    obj = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    obj = load_torch_file(Path(path).expanduser(), "learned context")
     if isinstance(obj, dict):
         obj = obj.get("state_dict", obj)
         keys = [k for k in obj if k == "ctx" or k.endswith(".ctx")]
