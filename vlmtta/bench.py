@@ -33,7 +33,7 @@ from .data.readers import Split
 from .features import FeatureFile, ViewFeatureCache, encode_missing, load_features_file, read_json, view_cache_parts, \
     write_json
 from .images import load_image
-from .methods import Need, get_method_class
+from .methods import Need, check_options, get_method_class
 from .results import result_name, save_result
 from .version import __version__
 from .views import VIEW_POLICIES, make_views, view_seed
@@ -225,6 +225,8 @@ def run_bench(spec: BenchSpec, fail_after: int | None = None) -> list[dict[str, 
     if fail_after is None and os.environ.get(FAIL_ENV):
         fail_after = int(os.environ[FAIL_ENV])
     source = _Source(spec)
+    for method in spec.methods:  # every method's options are checked before any stream runs
+        check_options(method, **method_options(method, source.option_dataset, spec.options, spec.augmentation))
     order = spec.order or ("sorted" if source.file is not None else "shuffled")
     stream = stream_order(source.labels, order, spec.seed)[:spec.limit]
     return [_run_method(spec, source, method, order, stream, fail_after) for method in spec.methods]
