@@ -33,9 +33,9 @@ class BoostAdapter(TDA):
     Negative cache: the official runner updates it first-in-first-out (``update_cache(..., include_prob_map=True)``
     with its ``fifo=True`` default): each pseudo-label keeps its ``neg_shot_capacity`` (2) *most recent* images whose
     entropy is in the band.  That produced the published numbers and is the default (``neg_eviction="fifo"``);
-    ``"entropy"`` keeps TDA's rule (the lowest-entropy in-band images).  On real CLIP features the two disagree on
-    about 1 % (ImageNet ViT-B/32, one view) to 16 % (FGVC-Aircraft ViT-B/16) of predictions.  The positive cache
-    is entropy-sorted as in TDA (the runner passes ``fifo=False`` for it).
+    ``"entropy"`` keeps TDA's rule (the lowest-entropy in-band images).  On 6997 real CLIP ViT-B/32 ImageNet
+    features (one view) the two rules disagree on 88 predictions (1.3 %; 60.13 % vs 60.18 % top-1).  The positive
+    cache is entropy-sorted as in TDA (the runner passes ``fifo=False`` for it).
 
     With a single view there are no boosting samples (``int(1 * 0.1) = 0``, as in the official code) and
     BoostAdapter is TDA with the FIFO negative cache (exactly TDA with ``neg_eviction="entropy"``).  ``delta`` per
