@@ -61,7 +61,7 @@ def test_stationary_vector_of_a_two_state_chain():
 
 
 def test_warmup_uses_shannon_then_adaptive_q_and_label_adjustment():
-    adapter, g = make(warmup=3, n_views=20)
+    adapter, g = make(warmup=3, n_views=20, label_adjust=True)
     method = adapter.method
     text = method.context.text_features
     for cls in (0, 1):
@@ -112,8 +112,46 @@ def test_validation_and_defaults():
     defaults = create_method("adte").hyperparameters()
     assert defaults["ratio"] == 0.1 and defaults["warmup"] == 100 and defaults["q_range"] == (0.01, 0.9)
     assert defaults["bias"] == "online" and create_method("adte").episodic is False and create_method("te").episodic
-    assert defaults["entropy_form"] == "code" and defaults["label_adjust"] is True
+    assert defaults["entropy_form"] == "code" and defaults["label_adjust"] is False and defaults["warmup_fill"] == 0.2
     with pytest.raises(ValueError, match="entropy_form"):
         create_method("adte", entropy_form="paper")
     with pytest.raises(ValueError, match="q_range"):
         create_method("adte", q_range=(0.5, 1.2))
+
+
+def test_warmup_ends_for_few_classes():
+    """5 classes x memory 10 = 50 slots: the code's 100 entries can never be stored; 20 % of the slots can."""
+    g = torch.Generator().manual_seed(3)
+    text = F.normalize(torch.randn(5, D, generator=g), dim=-1)
+    adapter = Adapter.from_features([f"c{i}" for i in range(5)], text, "adte", logit_scale=10.0, n_views=20)
+    method = adapter.method
+    assert method.warmup_entries() == 10  # min(100, ceil(0.2 * 5 * 10))
+    while method.memory.count < 10:
+        assert method.log_bias() is None  # still warming up: Shannon ranking
+        cls = method.memory.count % 5
+        views = F.normalize(text[cls] + 0.1 * torch.randn(20, D, generator=g), dim=-1)
+        adapter.adapt_features(views)
+    log_pi = method.log_bias()
+    assert log_pi is not None
+    for _ in range(100):  # an image the two rankings disagree on, whose entry would not change the memory
+        views = F.normalize(text[2] + 0.6 * torch.randn(20, D, generator=g), dim=-1)
+        logits = 10 * views @ text.t()
+        top = logits.mean(0).topk(2).values
+        adaptive = adte_entropy(logits, class_q(log_pi), "code").argsort()[:2]
+        if top[0] - top[1] <= 1 and set(adaptive.tolist()) != set(shannon_entropy(logits).argsort()[:2].tolist()):
+            break
+    else:
+        pytest.fail("no image tells the rankings apart")
+    probs = adapter.adapt_features(views)
+    assert torch.allclose(probs, logits[adaptive].softmax(-1).mean(0), atol=1e-6)  # the debiased ranking, unadjusted
+    big = Adapter.from_features([f"c{i}" for i in range(1000)], F.normalize(torch.randn(1000, D), dim=-1), "adte")
+    assert big.method.warmup_entries() == 100  # the code's count wherever it is reachable
+
+
+def test_single_view_without_adjustment_is_zero_shot():
+    adapter, g = make(n_views=1, warmup=0)
+    text = adapter.method.context.text_features
+    for cls in range(C):
+        view = views_near(adapter, cls, g, n=1)
+        assert torch.allclose(adapter.adapt_features(view), (10 * view @ text.t()).softmax(-1)[0], atol=1e-6)
+    assert adapter.method.memory.count > 0  # the stream still feeds the memory

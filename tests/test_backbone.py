@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_CONFIG
-from vlmtta.backbone import FrozenCLIP, resolve_device, wants_quick_gelu
+from vlmtta.backbone import FrozenCLIP, QuickGELUWarning, is_openai_layout_state_dict, resolve_device, wants_quick_gelu
 from vlmtta.text import TextTower, encode_tokens
 
 PROMPTS = ["a photo of a cat.", "dog", "a photo of the small tabby cat sitting on a red chair in the sun.",
@@ -151,6 +151,30 @@ def test_forced_quick_gelu_builds_quick_gelu(tmp_path):
     open_clip.add_model_config(path)
     assert not FrozenCLIP("vlmtta-tiny-gelu", None, "cpu").quick_gelu
     assert FrozenCLIP("vlmtta-tiny-gelu", None, "cpu", quick_gelu=True).quick_gelu
+
+
+def test_plain_openai_layout_state_dict_into_gelu_warns_with_the_fix(tmp_path):
+    config = {**TINY_CONFIG, "quick_gelu": False}
+    (tmp_path / "vlmtta-tiny-gelu-sd.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "vlmtta-tiny-gelu-sd.json")
+    (tmp_path / "vlmtta-tiny-qgelu-sd.json").write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(tmp_path / "vlmtta-tiny-qgelu-sd.json")
+    state = open_clip.CLIP(**config).state_dict()  # OpenAI's layout: token_embedding, transformer.*, visual.*
+    plain, wrapped, other = tmp_path / "openai_sd.pt", tmp_path / "training.pt", tmp_path / "linear.pt"
+    torch.save(state, plain)
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in state.items()}}, wrapped)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), other)
+    with pytest.warns(QuickGELUWarning, match=r"OpenAI's CLIP layout.*GELU.*quick_gelu=True.*quick_gelu=False") as caught:
+        backbone = FrozenCLIP("vlmtta-tiny-gelu-sd", str(plain), "cpu")
+    assert len(caught) == 1 and not backbone.quick_gelu
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuickGELUWarning)
+        assert FrozenCLIP("vlmtta-tiny-gelu-sd", str(plain), "cpu", quick_gelu=True).quick_gelu  # the fix
+        assert not FrozenCLIP("vlmtta-tiny-gelu-sd", str(plain), "cpu", quick_gelu=False).quick_gelu  # a choice
+        FrozenCLIP("vlmtta-tiny-gelu-sd", str(wrapped), "cpu")  # an open_clip training checkpoint: its own arch
+        FrozenCLIP("vlmtta-tiny-qgelu-sd", str(plain), "cpu")  # the architecture already runs QuickGELU
+    assert is_openai_layout_state_dict(str(plain)) and not is_openai_layout_state_dict(str(wrapped))
+    assert not is_openai_layout_state_dict(str(other))
 
 
 def test_random_init_is_seeded():

@@ -22,12 +22,57 @@ def bound(name: str, **options):
     return method
 
 
-def test_single_view_is_exactly_tda():
+def test_single_view_with_tdas_negative_rule_is_exactly_tda():
     torch.manual_seed(0)
     stream = torch.nn.functional.normalize(torch.randn(40, 4), dim=-1)
-    boost, tda = bound("boostadapter", n_views=1), bound("tda")
+    boost, tda = bound("boostadapter", n_views=1, neg_eviction="entropy"), bound("tda")
     for f in stream:
         assert torch.equal(boost.predict_features(f[None]), tda.predict_features(f[None]))
+
+
+def official_single_view(stream: torch.Tensor, text: torch.Tensor, fifo: bool, alpha=2.0, beta=5.0,
+                         neg_alpha=0.117, neg_beta=1.0) -> list[torch.Tensor]:
+    """The official runner's per-image loop on one view, with Python lists: the positive cache keeps each
+    class's 3 lowest-entropy images; the negative cache takes images whose entropy / log2(C) is in (0.2, 0.5),
+    2 per class, either first-in-first-out (``update_cache``'s ``fifo=True`` default) or lowest-entropy (TDA)."""
+    n_classes = text.shape[0]
+    positive: dict[int, list] = {}
+    negative: dict[int, list] = {}
+    out = []
+    for f in stream:
+        logits = SCALE * f @ text.T
+        probs = logits.softmax(-1)
+        entropy = float(-(probs * probs.log()).sum())
+        pred = int(logits.argmax())
+        positive[pred] = sorted(positive.get(pred, []) + [(f, entropy)], key=lambda item: item[1])[:3]
+        if 0.2 < entropy / math.log2(n_classes) < 0.5:
+            entries = negative.get(pred, []) + [(f, entropy, probs)]
+            negative[pred] = entries[-2:] if fifo else sorted(entries, key=lambda item: item[1])[:2]
+        final = logits.clone()
+        for label, entries in positive.items():
+            for key, _ in entries:
+                final[label] += alpha * math.exp(-beta * (1 - float(f @ key)))
+        for entries in negative.values():
+            for key, _, p in entries:
+                final -= neg_alpha * math.exp(-neg_beta * (1 - float(f @ key))) * ((p > 0.03) & (p < 1.0)).float()
+        out.append(final.softmax(-1))
+    return out
+
+
+def test_negative_cache_is_first_in_first_out_as_the_official_runner():
+    g = torch.Generator().manual_seed(0)
+    n_classes, dim = 5, 8
+    text = torch.nn.functional.normalize(torch.randn(n_classes, dim, generator=g), dim=-1)
+    labels = torch.randint(0, n_classes, (150,), generator=g)
+    stream = torch.nn.functional.normalize(text[labels] + 0.35 * torch.randn(150, dim, generator=g), dim=-1)
+    fifo, lowest = official_single_view(stream, text, fifo=True), official_single_view(stream, text, fifo=False)
+    assert max(float((a - b).abs().max()) for a, b in zip(fifo, lowest)) > 1e-3  # the stream tells the rules apart
+    for options, reference in (({}, fifo), ({"neg_eviction": "entropy"}, lowest)):
+        method = create_method("boostadapter", n_views=1, **options)
+        method.bind(Context([f"c{i}" for i in range(n_classes)], [], text, SCALE))
+        got = torch.stack([method.predict_features(f[None]) for f in stream])
+        assert torch.allclose(got, torch.stack(reference), atol=1e-5), options
+    assert create_method("boostadapter").neg_eviction == "fifo" and create_method("tda").neg_eviction == "entropy"
 
 
 def test_boosting_views_enter_a_temporary_copy_only():

@@ -27,6 +27,23 @@ def test_free_slots_first_then_lowest_entropy_replacement():
     assert cache.filled[1].sum() == 0
 
 
+def test_fifo_eviction_replaces_the_oldest_whatever_the_entropy():
+    cache = ClassCache(n_classes=2, capacity=2, dim=2)
+    a, b, c, d = unit(1, 0), unit(0, 1), unit(1, 1), unit(1, -1)
+    assert cache.insert(0, a, 0.1, evict="fifo") and cache.insert(1, c, 0.3, evict="fifo")
+    assert cache.insert(0, b, 0.2, evict="fifo")
+    assert cache.insert(0, c, 0.9, evict="fifo")  # full: replaces a (oldest) although its entropy is the lowest
+    assert not cache.insert(0, d, 0.0, evict="fifo", when=torch.tensor(False))  # gated: nothing moves
+    assert cache.insert(0, d, 0.5, evict="fifo")  # replaces b, now the oldest
+    keys, entropies, _ = cache.contents(0)
+    assert entropies.tolist() == pytest.approx([0.5, 0.9]) and torch.equal(keys, torch.stack([d, c]))
+    assert cache.contents(1)[1].tolist() == pytest.approx([0.3])
+    cache.reset()
+    assert cache.insert(0, b, 0.4, evict="fifo") and cache.filled.sum() == 1
+    with pytest.raises(ValueError, match="evict"):
+        cache.insert(0, a, 0.1, evict="lifo")
+
+
 def test_affinities_by_hand():
     cache = ClassCache(n_classes=3, capacity=2, dim=2, value_dim=3)
     cache.insert(0, unit(1, 0), 0.1, value=torch.tensor([1.0, 0.0, 1.0]))

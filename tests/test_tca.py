@@ -22,11 +22,26 @@ images = random_images
 
 def test_condensation_sizes():
     assert tca.condensation_sizes(196, 1.0) == (196, 0, 0)
-    keep, band, rest = tca.condensation_sizes(196, 0.9)  # 177 leave: 172 kept + 4 centres + 1 fused
-    assert (keep, band, rest) == (172, 16, 8) and keep + 4 + 1 == math.ceil(0.9 * 196)
-    assert tca.condensation_sizes(10, 0.7) == (2, 6, 2)  # ceil(7.000000000000001) must not give 8
+    keep, band, rest = tca.condensation_sizes(196, 0.9)  # EViT: 177 kept + 1 fused leave; here 173 + 4 centres + 1
+    assert (keep, band, rest) == (173, 16, 7) and keep + 4 + 1 == math.ceil(0.9 * 196) + 1
+    assert tca.condensation_sizes(10, 0.7) == (3, 5, 2)  # ceil(7.000000000000001) must not give 8 (+ 1)
     # the official code's counting: Ours-0.035 on 196 patches: left 190, m 7 -> keep 176, band 14, rest 6
     assert tca.condensation_sizes(196, 0.9, code_drop_rate=0.035) == (176, 14, 6)
+
+
+def tokens_after_each_layer(keep_ratio: float, code_drop_rate: float | None = None, n: int = 196) -> list[int]:
+    counts = []
+    for _ in range(3):
+        keep, band, rest = tca.condensation_sizes(n, keep_ratio, 4, code_drop_rate)
+        n = keep + min(4, band) + (1 if rest else 0)
+        counts.append(1 + n)  # with CLS
+    return counts
+
+
+def test_paper_mode_is_evits_budget_and_code_mode_the_codes():
+    assert tokens_after_each_layer(0.9) == [179, 163, 148]  # EViT at keep rate 0.9 on ViT-B/16's 196 patches
+    # the code's Ours-0.035: left = ceil(0.965 n), keep left - 2m, 4 centres, 1 fused
+    assert tokens_after_each_layer(1.0, code_drop_rate=0.035) == [182, 167, 155]
 
 
 def test_coreset_average_hand_computed():
@@ -36,6 +51,19 @@ def test_coreset_average_hand_computed():
     torch.testing.assert_close(out[0, 0], torch.tensor([0.5, 0.0]))
     torch.testing.assert_close(out[0, 1], (torch.tensor([10.0, 2.0]) + 0.5 * torch.tensor([10.0, 0.0])) / 1.5)
     assert tca.coreset_average(tokens[:, :1], 4).shape == (1, 1, 2)
+    # the official code's random start, here token 3: then the farthest from it is token 0
+    out = tca.coreset_average(tokens, 2, start=torch.tensor([3]))
+    torch.testing.assert_close(out[0, 0], (torch.tensor([10.0, 2.0]) + 0.5 * torch.tensor([10.0, 0.0])) / 1.5)
+    torch.testing.assert_close(out[0, 1], torch.tensor([0.5, 0.0]))
+
+
+def test_random_kcenter_start_draws_from_the_generator():
+    x = torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(1))
+    attn = torch.rand(2, 2, 8, generator=torch.Generator().manual_seed(2))
+    out = tca.condense(x, attn, (2, 4, 2), n_centres=2, generator=torch.Generator().manual_seed(5))
+    start = torch.randint(4, (2,), generator=torch.Generator().manual_seed(5))
+    band = x[:, 1:].gather(1, attn.mean(1).argsort(dim=1, descending=True, stable=True)[:, 2:6, None].expand(-1, -1, 3))
+    torch.testing.assert_close(out[:, 3:5], tca.coreset_average(band, 2, start))
 
 
 def test_condense_keeps_top_merges_band_fuses_rest():
@@ -78,7 +106,7 @@ def test_r1_empty_reservoir_equals_encode_image(tiny_backbone):
 
 def test_condensation_reduces_tokens_and_anchors_join(tiny_backbone):
     method = bind(tiny_backbone, keep_ratio=0.7, layers=(1,), anchor_all_classes=False, anchor_min_count=1)
-    assert method.encode(images(2)).n_tokens == [17, 13]  # CLS + ceil(0.7 * 16 patches) = 1 + 12
+    assert method.encode(images(2)).n_tokens == [17, 14]  # CLS + ceil(0.7 * 16 patches) + 1 fused = 1 + 13
     for seed in range(3):
         probs = method.predict_views(images(1, seed))
         assert probs.shape == (4,) and torch.isclose(probs.sum(), torch.tensor(1.0))
@@ -92,7 +120,15 @@ def test_condensation_reduces_tokens_and_anchors_join(tiny_backbone):
 
 def test_options_and_defaults():
     assert tca.TCA.options_for("eurosat") == {"reservoir_size": 2, "scale": 5.0, "lambd": 8.0, "beta": 7.0}
-    assert tca.TCA.options_for("imagenet_a", keep_ratio=0.7) == {"reservoir_size": 3, "keep_ratio": 0.7}
+    assert tca.TCA.options_for("imagenet_a", keep_ratio=0.7) == {"reservoir_size": 3, "scale": 0.01, "lambd": 3.0,
+                                                                 "beta": 5.0, "keep_ratio": 0.7}
+    assert tca.TCA.options_for("fgvc_aircraft") == {"reservoir_size": 3, "scale": 0.02, "lambd": 2.0, "beta": 2.0}
+    assert tca.TCA.options_for("oxford_pets")["scale"] == 5.5 and tca.TCA.options_for("stanford_cars")["lambd"] == 1.5
+    assert len(tca.TCA.dataset_defaults) == 15
+    imagenet = {k: v for k, v in tca.TCA().hyperparameters().items() if k in ("reservoir_size", "scale", "lambd", "beta")}
+    assert imagenet == tca.TCA.options_for("imagenet") and tca.TCA().kcenter_start == "first"
+    with pytest.raises(ValueError, match="kcenter_start"):
+        tca.TCA(kcenter_start="best")
     assert tca.TCA.info()["protocol"] == "online"
     with pytest.raises(ValueError, match="keep_ratio"):
         tca.TCA(keep_ratio=0)
@@ -107,3 +143,11 @@ def test_refuses_non_vit_backbone(tiny_backbone):
     method = tca.TCA()
     with pytest.raises(TypeError, match="ViT"):
         method.bind(Context(CLASSES, [], torch.eye(4), 100.0, Fake()))
+
+
+def test_random_kcenter_start_is_seeded_per_stream(tiny_backbone):
+    method = bind(tiny_backbone, keep_ratio=0.7, layers=(1,), kcenter_start="random", kcenter_seed=3)
+    batch = images(2)
+    first = method.encode(batch).features
+    method.reset()  # a new stream draws the same starts again
+    torch.testing.assert_close(method.encode(batch).features, first, rtol=0, atol=0)

@@ -34,8 +34,10 @@ def test_tie_broken_by_most_confident_discarded_view():
     assert zero(TIE, n_views=4, ratio=0.5).tolist() == pytest.approx([1 / 3, 2 / 3, 0.0])
 
 
-def test_tie_broken_in_index_order_as_in_official_code():
-    assert zero(TIE, n_views=4, ratio=0.5, tie_break="code").tolist() == pytest.approx([2 / 3, 1 / 3, 0.0])
+def test_no_index_order_tie_option():
+    """The official code also visits the discarded views in confidence order: there is no other rule to offer."""
+    with pytest.raises(ValueError, match="Unknown option\\(s\\) tie_break for method 'zero'"):
+        create_method("zero", tie_break="code")
 
 
 def test_majority_vote_of_confident_views_ignores_confidence_mass():
@@ -60,8 +62,6 @@ def test_tsallis_confidence_option_and_validation():
     views = torch.randn(16, 3, generator=torch.Generator().manual_seed(0)).tolist()
     assert torch.equal(zero(views, n_views=16, confidence="tsallis", q=1.0), zero(views, n_views=16))
     assert create_method("zero").hyperparameters() == {"n_views": 64, "augmentation": "rrc_flip", "ratio": 0.3,
-                                                       "tie_break": "paper", "confidence": "shannon", "q": 1.0}
-    with pytest.raises(ValueError, match="tie_break"):
-        create_method("zero", tie_break="random")
+                                                       "confidence": "shannon", "q": 1.0}
     with pytest.raises(ValueError, match="confidence criterion"):
         create_method("zero", confidence="adte")

@@ -65,6 +65,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     raise ValueError(f"Unknown device {device!r}; accepted: {DEVICE_CHOICES}.")
 
 
+class QuickGELUWarning(UserWarning):
+    """Weights that may have been trained with QuickGELU are being loaded into a GELU model."""
+
+
+# Keys of OpenAI's CLIP state dict (and of open_clip's CLIP class, which kept that layout) at the top level.
+_OPENAI_LAYOUT_KEYS = ("token_embedding.weight", "positional_embedding", "text_projection", "logit_scale")
+
+
 def _is_torchscript_archive(path: str) -> bool:
     """OpenAI's released ``.pt`` files are TorchScript archives (they hold a ``code/`` folder)."""
     try:
@@ -72,6 +80,36 @@ def _is_torchscript_archive(path: str) -> bool:
             return any("/code/" in name for name in archive.namelist()[:200])
     except (zipfile.BadZipFile, OSError):
         return False
+
+
+def _checkpoint_keys(path: str) -> list[str] | None:
+    """Top-level keys of a plain state-dict file (memory-mapped, tensors not read); ``None`` when the file is
+    not a plain mapping of tensors (e.g. an open_clip training checkpoint, which wraps it in ``state_dict``)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            return list(handle.keys())
+    for mmap in (True, False):  # mmap needs the zip format; legacy files are read whole
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception:
+            state = None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    return [str(key) for key in state]
+
+
+def is_openai_layout_state_dict(path: str) -> bool:
+    """Whether ``path`` is a plain state dict in OpenAI's CLIP layout (top-level ``token_embedding.weight``,
+    ``positional_embedding``, ``text_projection``, ``logit_scale`` and ``visual.*``; no ``module.`` prefix, no
+    training-checkpoint wrapper): what ``torch.save(clip.load(..., jit=False)[0].state_dict())`` writes, and also
+    what a plain open_clip ``CLIP`` writes, so the file alone cannot tell whether QuickGELU is needed."""
+    if _is_torchscript_archive(path):
+        return False
+    keys = _checkpoint_keys(path)
+    return bool(keys) and all(key in keys for key in _OPENAI_LAYOUT_KEYS) and any(k.startswith("visual.") for k in keys)
 
 
 def wants_quick_gelu(model: str, pretrained: str | None) -> bool:
@@ -280,6 +318,19 @@ def _weights_fingerprint(model: torch.nn.Module, skip_prefix: str = "visual.") -
     return digest.hexdigest()[:20]
 
 
+def _warn_if_openai_state_dict(name: str, source: str, pretrained: str | None) -> None:
+    """Warn loudly, with the fix, when a GELU model gets a plain state dict in OpenAI's layout."""
+    if pretrained is None or ":" in source or not Path(pretrained).is_file() or not is_openai_layout_state_dict(pretrained):
+        return
+    arch = f" or the '{source}-quickgelu' architecture (CLI: --model {source}-quickgelu)" \
+        if f"{source}-quickgelu" in open_clip.list_models() else ""
+    message = (f"{pretrained} is a plain state dict in OpenAI's CLIP layout, loaded into {name} with GELU activations. "
+               f"OpenAI's CLIP weights were trained with QuickGELU and silently lose accuracy under GELU, and the file "
+               f"cannot say which it needs. If these are OpenAI's weights, pass quick_gelu=True{arch}; if they were "
+               f"trained with GELU, pass quick_gelu=False to silence this warning.")
+    warnings.warn(message, QuickGELUWarning, stacklevel=3)
+
+
 class FrozenCLIP:
     """A frozen open_clip model plus tokenizer, preprocessing constants, device and embedding caches.
 
@@ -290,7 +341,9 @@ class FrozenCLIP:
             weights tag (``openai``, ``laion2b_s34b_b88k``, ...), a local checkpoint file, or ``None`` /
             ``"none"`` for random weights (benchmarks and tests); see ``resolve_weights``.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-        quick_gelu: force QuickGELU on/off; ``None`` infers it from the weights (OpenAI weights need it).
+        quick_gelu: force QuickGELU on/off; ``None`` infers it from the weights (OpenAI weights need it):
+            on for OpenAI tags and OpenAI TorchScript files; a plain state dict in OpenAI's layout loaded
+            into a GELU model emits a ``QuickGELUWarning`` that says how to choose.
         cache_dir: folder for the on-disk text-embedding cache (memory only when ``None``).
         weights_dir: open_clip download cache for pretrained tags.
         init_seed: seed of the random initialisation when ``pretrained`` is ``None``.
@@ -314,6 +367,8 @@ class FrozenCLIP:
         force_quick_gelu = wants_quick_gelu(source, pretrained) if quick_gelu is None else quick_gelu
         with _checkpoint_errors(source, pretrained):
             self.model = self._create(source, pretrained, force_quick_gelu, weights_dir, init_seed)
+        if quick_gelu is None and not self.quick_gelu:
+            _warn_if_openai_state_dict(model, source, pretrained)
         self.tokenizer = open_clip.get_tokenizer(source)
         self.preprocess_cfg = open_clip.get_model_preprocess_cfg(self.model)
         self.text_tower = TextTower.of(self.model)

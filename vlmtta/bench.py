@@ -36,7 +36,7 @@ from .data.readers import Split
 from .features import FeatureFile, ViewFeatureCache, encode_missing, load_features_file, read_json, view_cache_parts, \
     write_json
 from .images import load_image
-from .methods import Need, get_method_class
+from .methods import Need, check_options, get_method_class
 from .results import result_name, save_result
 from .streams import StreamOrder
 from .version import __version__
@@ -234,9 +234,16 @@ def run_bench(spec: BenchSpec, fail_after: int | None = None) -> list[dict[str, 
     if spec.domains:
         return _run_continual(spec, fail_after)
     source = _nonempty(_Source(spec))
+    _check_options(spec, source)
     order = StreamOrder.parse(spec.order or ("sorted" if source.file is not None else "shuffled"))
     stream = order.indices(source.labels, spec.seed)[:spec.limit].tolist()
     return [_run_method(spec, source, method, order, stream, fail_after) for method in spec.methods]
+
+
+def _check_options(spec: BenchSpec, source: _Source) -> None:
+    """Every method's options, type-checked before any stream runs."""
+    for method in spec.methods:
+        check_options(method, **method_options(method, source.option_dataset, spec.options, spec.augmentation))
 
 
 def _nonempty(source: _Source) -> _Source:
@@ -316,6 +323,8 @@ def _run_continual(spec: BenchSpec, fail_after: int | None) -> list[dict[str, An
         raise ValueError(f"Unknown reset policy {spec.reset_between!r}; accepted: {', '.join(RESETS)}.")
     domains = list(dict.fromkeys(spec.domains))
     sources = [_nonempty(_Source(replace(spec, dataset=key, domains=None))) for key in domains]
+    for source in sources:
+        _check_options(spec, source)
     other = next((s.name for s in sources if s.classnames != sources[0].classnames), None)
     if other is not None:
         raise ValueError(f"A continual run needs one class list for every domain; {other} and {domains[0]} differ.")

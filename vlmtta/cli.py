@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import io
 import json
@@ -16,15 +15,12 @@ SEVERITY_HELP = ("corruption severities that imagenet_c / cifar10_c / cifar100_c
                  "a comma list such as 3,5, or all")
 
 
-def _option(text: str) -> tuple[str, Any]:
-    """Parse ``key=value``; values are Python literals when they parse as such, else strings."""
+def _option(text: str) -> tuple[str, str]:
+    """Split ``key=value``; the value stays text, parsed by the option's declared type (``vlmtta.options``)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"method options look like key=value, got {text!r}")
-    try:
-        return key.strip(), ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key.strip(), value
+    return key.strip(), value
 
 
 def _classes(text: str) -> str | list[str]:

@@ -369,6 +369,8 @@ def _check_values(path: Path, key: str, values: Any) -> None:
         if key == "labels" and isinstance(values, (list, tuple)):
             return
         raise CorruptFileError(f"{path}: {key} is a {type(values).__name__}, expected a tensor.")
+    if values.numel() == 0:
+        return  # nothing to damage; an empty source is refused where it is streamed
     if values.is_floating_point():
         bad = ~torch.isfinite(values.reshape(values.shape[0] if values.ndim else 1, -1)).all(dim=-1)
         if bad.any():

@@ -2,14 +2,22 @@
 
 A ``ClassCache`` holds, for each of ``C`` classes, ``capacity`` slots of a key feature [D], its entropy and an
 optional value vector [V].  Empty slots have entropy ``+inf``.  Inserting into a class takes a free slot if there
-is one, otherwise replaces the class's highest-entropy entry when the newcomer's entropy is strictly lower; this is
-the lowest-entropy replacement of TDA's positive/negative caches, BoostAdapter's entropy-sorted cache and DMN's
-dynamic memory.  Every operation is a handful of tensor ops whatever ``C`` and ``capacity`` are (no Python lists
-of tensors and, for insertion, no host-device synchronisation).
+is one; otherwise, by the ``evict`` rule:
+
+* ``"entropy"``: the class's highest-entropy entry is replaced when the newcomer's entropy is strictly lower (the
+  lowest-entropy replacement of TDA's positive and negative caches, BoostAdapter's positive cache and DMN's
+  dynamic memory);
+* ``"fifo"``: the class's oldest entry is replaced, whatever the entropies (first in, first out: BoostAdapter's
+  negative cache keeps each class's most recent entries).
+
+Every operation is a handful of tensor ops whatever ``C`` and ``capacity`` are (no Python lists of tensors and,
+for insertion, no host-device synchronisation).
 """
 from __future__ import annotations
 
 import torch
+
+EVICTION_RULES = ("entropy", "fifo")
 
 
 class ClassCache:
@@ -22,6 +30,8 @@ class ClassCache:
         self.keys = torch.zeros(n_classes, capacity, dim, device=device, dtype=dtype)
         self.entropy = torch.full((n_classes, capacity), float("inf"), device=device)
         self.values = torch.zeros(n_classes, capacity, value_dim, device=device, dtype=dtype)
+        self.stamps = torch.zeros(n_classes, capacity, dtype=torch.long, device=device)  # insertion order
+        self._clock = 0
 
     @classmethod
     def from_labelled(cls, features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> ClassCache:
@@ -51,17 +61,30 @@ class ClassCache:
         self.keys.zero_()
         self.values.zero_()
         self.entropy.fill_(float("inf"))
+        self.stamps.zero_()
+        self._clock = 0
 
     def insert(self, label: int | torch.Tensor, key: torch.Tensor, entropy: float | torch.Tensor,
-               value: torch.Tensor | None = None, when: bool | torch.Tensor = True) -> torch.Tensor:
-        """Store ``key`` (and ``value``) under ``label`` if a slot is free or ``entropy`` beats the worst entry.
+               value: torch.Tensor | None = None, when: bool | torch.Tensor = True,
+               evict: str = "entropy") -> torch.Tensor:
+        """Store ``key`` (and ``value``) under ``label`` in a free slot, else in place of the entry ``evict`` picks:
+        the highest-entropy one if ``entropy`` is strictly lower (``"entropy"``), or the oldest one (``"fifo"``).
 
         ``when`` (a bool or 0-d bool tensor) gates the insertion without a host sync.  Returns whether it was stored.
         """
+        if evict not in EVICTION_RULES:
+            raise ValueError(f"ClassCache: evict must be one of {EVICTION_RULES}, got {evict!r}.")
         label = torch.as_tensor(label, device=self.keys.device)
         entropy = torch.as_tensor(entropy, dtype=self.entropy.dtype, device=self.entropy.device)
-        slot = self.entropy[label].argmax()  # a free slot (inf) first, else the highest entropy
-        accept = (entropy < self.entropy[label, slot]) & torch.as_tensor(when, device=self.entropy.device)
+        when = torch.as_tensor(when, device=self.entropy.device)
+        if evict == "entropy":
+            slot = self.entropy[label].argmax()  # a free slot (inf) first, else the highest entropy
+            accept = (entropy < self.entropy[label, slot]) & when
+        else:
+            slot = torch.where(self.filled[label], self.stamps[label], -1).argmin()  # a free slot first, else the oldest
+            accept = when
+        self.stamps[label, slot] = torch.where(accept, self._clock, self.stamps[label, slot])
+        self._clock += 1
         self.entropy[label, slot] = torch.where(accept, entropy, self.entropy[label, slot])
         self.keys[label, slot] = torch.where(accept, key.to(self.keys.dtype), self.keys[label, slot])
         if value is not None:

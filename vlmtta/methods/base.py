@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..options import parse_options
 from ..views import VIEW_POLICIES, ViewConfig
 
 if TYPE_CHECKING:
@@ -169,15 +170,22 @@ def get_method_class(name: str) -> type[Method]:
     return _REGISTRY[key]
 
 
-def create_method(name: str, **options: Any) -> Method:
-    """Instantiate a registered method, rejecting options it does not have."""
+def check_options(name: str, **options: Any) -> dict[str, Any]:
+    """``options`` for method ``name`` converted to the types its constructor declares (``vlmtta.options``):
+    strings such as ``-o`` values are parsed, other values checked; a one-line ``ValueError`` for an option the
+    method does not have or a value of the wrong type."""
     cls = get_method_class(name)
     accepted = cls.defaults()
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"Unknown option(s) {', '.join(unknown)} for method {cls.name!r}; "
                          f"accepted: {', '.join(f'{k}={v!r}' for k, v in accepted.items())}.")
-    return cls(**options)
+    return parse_options(cls.name, cls.__init__, options)
+
+
+def create_method(name: str, **options: Any) -> Method:
+    """Instantiate a registered method with ``check_options``'s typed options."""
+    return get_method_class(name)(**check_options(name, **options))
 
 
 def list_methods() -> list[dict[str, Any]]:

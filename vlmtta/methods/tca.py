@@ -31,20 +31,27 @@ from .base import Method, Need, register
 __all__ = ["TCA", "TokenReservoir", "condensation_sizes", "condense", "coreset_average", "layer_weights"]
 
 HEAD_REDUCTIONS = ("mean", "rank")
-_DATASETS = ("caltech101", "dtd", "eurosat", "fgvc_aircraft", "food101", "oxford_flowers", "oxford_pets",
-             "stanford_cars", "sun397", "ucf101", "imagenet", "imagenet_a", "imagenet_v2", "imagenet_r",
-             "imagenet_sketch")
+KCENTER_STARTS = ("first", "random")
+_OFFICIAL = {  # the official configs/*.yaml (ViT-B/16): reservoir_size, scale, lambd, beta
+    "caltech101": (3, 1.0, 7.0, 6.0), "dtd": (3, 1.0, 2.0, 6.0), "eurosat": (2, 5.0, 8.0, 7.0),
+    "fgvc_aircraft": (3, 0.02, 2.0, 2.0), "food101": (3, 0.01, 2.0, 5.0), "imagenet": (3, 0.1, 3.0, 5.0),
+    "imagenet_a": (3, 0.01, 3.0, 5.0), "imagenet_v2": (3, 0.1, 4.0, 9.0), "imagenet_r": (3, 0.1, 3.0, 8.0),
+    "imagenet_sketch": (3, 0.1, 4.0, 8.0), "oxford_flowers": (3, 0.01, 7.0, 7.0), "oxford_pets": (3, 5.5, 2.0, 6.0),
+    "stanford_cars": (3, 0.1, 1.5, 8.0), "sun397": (3, 0.01, 4.0, 3.0), "ucf101": (3, 0.01, 6.0, 8.0),
+}
 
 
 def condensation_sizes(n: int, keep_ratio: float, n_centres: int = 4,
                        code_drop_rate: float | None = None) -> tuple[int, int, int]:
     """How many of ``n`` non-CLS tokens are (kept, merged into centres, fused into one token).
 
-    Paper mode: ``ceil(R n)`` tokens leave the layer (kept + centres + fused), the EViT budget at
-    keep rate R that the paper compares at; the non-kept tokens split 2:1 into band and rest, the
-    official code's proportion.  ``code_drop_rate`` reproduces the code's own counting
-    (``Ours-0.035`` is its R = 0.9, ``Ours-0.1`` its default): ``left = ceil((1 - d) n)``,
-    ``m = n + 1 - left``, keep ``left - 2m``, band ``2m``, rest ``n - left``.
+    Paper mode: the EViT budget at keep rate R that the paper compares at: EViT keeps ``ceil(R n)``
+    tokens and fuses the others into one, so ``ceil(R n) + 1`` non-CLS tokens leave the layer (kept +
+    centres + fused; ViT-B/16 at R = 0.9: 1 + 178 = 179 tokens after the first layer, then 163, 148).
+    The non-kept tokens split 2:1 into band and rest, the official code's proportion.
+    ``code_drop_rate`` reproduces the code's own counting (``Ours-0.035`` is its R = 0.9, ``Ours-0.1``
+    its default): ``left = ceil((1 - d) n)``, ``m = n + 1 - left``, keep ``left - 2m``, band ``2m``,
+    rest ``n - left``.
     """
     if code_drop_rate is not None:
         if code_drop_rate <= 0:
@@ -52,7 +59,7 @@ def condensation_sizes(n: int, keep_ratio: float, n_centres: int = 4,
         left = math.ceil((1 - code_drop_rate) * n - 1e-9)
         keep = max(left - 2 * (n + 1 - left), 0)
         return keep, left - keep, n - left
-    n_out = math.ceil(keep_ratio * n - 1e-9)
+    n_out = math.ceil(keep_ratio * n - 1e-9) + 1
     if n_out >= n:
         return n, 0, 0
     keep = max(n_out - n_centres - 1, 0)
@@ -60,19 +67,20 @@ def condensation_sizes(n: int, keep_ratio: float, n_centres: int = 4,
     return keep, n - keep - rest, rest
 
 
-def coreset_average(tokens: torch.Tensor, n_centres: int) -> torch.Tensor:
+def coreset_average(tokens: torch.Tensor, n_centres: int, start: torch.Tensor | None = None) -> torch.Tensor:
     """Coreset averaging of ``tokens`` [B, m, W] into [B, min(k, m), W].
 
-    Centres by k-center greedy (farthest point), starting from the first token (the best-ranked of
-    the band; the official code starts at a random one); every token joins its nearest centre; each
-    cluster is averaged with weights 1 / distance to its centre (the centre itself weighs 1).
+    Centres by k-center greedy (farthest point), starting from token ``start`` [B] (default the first:
+    the best-ranked of the band; the official code starts at a random one); every token joins its
+    nearest centre; each cluster is averaged with weights 1 / distance to its centre (the centre
+    itself weighs 1).
     """
     batch, m, _ = tokens.shape
     k = min(n_centres, m)
     t = tokens.float()
     rows = torch.arange(batch, device=t.device)
-    chosen = [torch.zeros(batch, dtype=torch.long, device=t.device)]
-    dist = (t - t[:, :1]).norm(dim=-1)
+    chosen = [torch.zeros(batch, dtype=torch.long, device=t.device) if start is None else start.to(t.device)]
+    dist = (t - t[rows, chosen[0]][:, None]).norm(dim=-1)
     for _ in range(k - 1):
         chosen.append(dist.argmax(dim=1))
         dist = torch.minimum(dist, (t - t[rows, chosen[-1]][:, None]).norm(dim=-1))
@@ -92,8 +100,11 @@ def head_scores(cls_attn: torch.Tensor, head_reduce: str = "mean") -> torch.Tens
 
 
 def condense(x: torch.Tensor, cls_attn: torch.Tensor, sizes: tuple[int, int, int], n_centres: int = 4,
-             head_reduce: str = "mean") -> torch.Tensor:
-    """Condense tokens ``x`` [B, 1 + n, W] (CLS first) given CLS attention [B, H, n] and (keep, band, rest)."""
+             head_reduce: str = "mean", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Condense tokens ``x`` [B, 1 + n, W] (CLS first) given CLS attention [B, H, n] and (keep, band, rest).
+
+    With a (CPU) ``generator`` the band's k-center greedy starts at a random band token, as the official
+    code; without one at the best-ranked band token."""
     keep, band, rest = sizes
     if band + rest == 0:
         return x
@@ -103,7 +114,8 @@ def condense(x: torch.Tensor, cls_attn: torch.Tensor, sizes: tuple[int, int, int
     take = lambda idx: tokens.gather(1, idx[..., None].expand(-1, -1, width))
     parts = [x[:, :1], take(order[:, :keep])]
     if band:
-        parts.append(coreset_average(take(order[:, keep:keep + band]), n_centres))
+        start = None if generator is None else torch.randint(band, (x.shape[0],), generator=generator)
+        parts.append(coreset_average(take(order[:, keep:keep + band]), n_centres, start))
     if rest:
         idx = order[:, keep + band:]
         weight = cls_attn.mean(dim=1).gather(1, idx)[..., None].to(x.dtype)
@@ -175,15 +187,14 @@ class TCA(Method):
     """Token Condensation as Adaptation (training-free, online, ViT image towers only).
 
     Args:
-        keep_ratio: R, the share of tokens leaving each condensation layer (paper: 0.9, and 0.7).
+        keep_ratio: R, the EViT keep rate at each condensation layer (paper: 0.9, and 0.7); see
+            ``condensation_sizes``.
         layers: condensation layers, 0-based block indices (paper: 3, 6, 9).
         reservoir_size: samples per class in the reservoir (paper: 3; EuroSAT 2).
         scale, lambd, beta: layer-weight temperature, weight and sharpness of the logits
-            self-correction.  Of the official per-dataset ``configs/*.yaml`` only EuroSAT's is known
-            (reservoir 2, scale 5, lambd 8, beta 7, quoted verbatim by an independent reproduction of
-            the paper; it is EuroSAT's default here).  The others could not be read: their defaults
-            are TDA's positive-cache values (lambd 2, beta 5) with an even-ish layer weighting
-            (scale 1), not the paper's tuned values.
+            self-correction.  The defaults are the official ImageNet config (3, 0.1, 3, 5);
+            ``dataset_defaults`` holds every dataset's official ``configs/*.yaml``.  They were tuned
+            with the code's token counting (``code_drop_rate``), which condenses less at R = 0.9.
         n_centres: coreset centres the band is merged into (official code: 4).
         head_reduce: cross-head ranking: ``mean`` CLS attention over heads (official code) or ``rank``
             (mean per-head rank: "consistently low across heads").
@@ -192,11 +203,14 @@ class TCA(Method):
         anchor_min_count: a class contributes an anchor once it holds this many samples (code: 2).
         anchor_all_classes: anchors are used only once every class is ready (official code), else as
             soon as one is.
+        kcenter_start: where the band's k-center greedy starts: ``first``, the best-ranked band token
+            (default: deterministic, the same on every device; the paper does not say), or ``random``, a
+            uniformly drawn band token, as the official code (``torch.randint``), from a generator seeded
+            with ``kcenter_seed`` at every ``reset``.
 
     Order of one step, as the official code: encode with condensation (anchors from the reservoir
     so far), pseudo-label and entropy from the CLIP logits, add the sample to the reservoir, then add
-    the correction (which sees the sample just added).  Coreset averaging starts k-center greedy at
-    the best-ranked band token instead of a random one (deterministic).
+    the correction (which sees the sample just added).
     """
 
     name = "tca"
@@ -205,14 +219,14 @@ class TCA(Method):
     episodic = False
     needs = frozenset({Need.IMAGE_INTERNALS})
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        **{key: {"reservoir_size": 3} for key in _DATASETS},
-        "eurosat": {"reservoir_size": 2, "scale": 5.0, "lambd": 8.0, "beta": 7.0},  # official configs/eurosat.yaml
+        key: {"reservoir_size": size, "scale": scale, "lambd": lambd, "beta": beta}
+        for key, (size, scale, lambd, beta) in _OFFICIAL.items()
     }
 
     def __init__(self, keep_ratio: float = 0.9, layers: tuple[int, ...] = (3, 6, 9), reservoir_size: int = 3,
-                 scale: float = 1.0, lambd: float = 2.0, beta: float = 5.0, n_centres: int = 4,
+                 scale: float = 0.1, lambd: float = 3.0, beta: float = 5.0, n_centres: int = 4,
                  head_reduce: str = "mean", code_drop_rate: float | None = None, anchor_min_count: int = 2,
-                 anchor_all_classes: bool = True):
+                 anchor_all_classes: bool = True, kcenter_start: str = "first", kcenter_seed: int = 0):
         super().__init__(n_views=1, augmentation="rrc_flip")
         if not 0 < keep_ratio <= 1:
             raise ValueError(f"tca: keep_ratio must lie in (0, 1], got {keep_ratio}.")
@@ -220,12 +234,16 @@ class TCA(Method):
             raise ValueError(f"tca: code_drop_rate must lie in [0, 1), got {code_drop_rate}.")
         if head_reduce not in HEAD_REDUCTIONS:
             raise ValueError(f"tca: head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}.")
+        if kcenter_start not in KCENTER_STARTS:
+            raise ValueError(f"tca: kcenter_start must be one of {KCENTER_STARTS}, got {kcenter_start!r}.")
         if int(reservoir_size) < 1 or int(n_centres) < 1 or scale <= 0:
             raise ValueError("tca: reservoir_size and n_centres must be >= 1 and scale > 0.")
         self.keep_ratio, self.layers = float(keep_ratio), tuple(sorted({int(layer) for layer in layers}))
         self.reservoir_size, self.scale, self.lambd, self.beta = int(reservoir_size), float(scale), float(lambd), float(beta)
         self.n_centres, self.head_reduce, self.code_drop_rate = int(n_centres), head_reduce, code_drop_rate
         self.anchor_min_count, self.anchor_all_classes = int(anchor_min_count), bool(anchor_all_classes)
+        self.kcenter_start, self.kcenter_seed = kcenter_start, int(kcenter_seed)
+        self._generator: torch.Generator | None = None
         self.reservoir: TokenReservoir | None = None
         self._anchors: torch.Tensor | None = None
 
@@ -246,6 +264,8 @@ class TCA(Method):
                                         self.context.text_features.device)
         self.weights = layer_weights(len(visual.transformer.resblocks), self.scale).to(self.context.text_features.device)
         self._anchors = None
+        if self.kcenter_start == "random":
+            self._generator = torch.Generator().manual_seed(self.kcenter_seed)
 
     # ---- hooks -------------------------------------------------------------------------------
     def _anchor(self, layer: int, cls: torch.Tensor) -> torch.Tensor | None:
@@ -258,7 +278,7 @@ class TCA(Method):
 
     def _reduce(self, layer: int, x: torch.Tensor, cls_attn: torch.Tensor) -> torch.Tensor:
         sizes = condensation_sizes(x.shape[1] - 1, self.keep_ratio, self.n_centres, self.code_drop_rate)
-        return condense(x, cls_attn, sizes, self.n_centres, self.head_reduce)
+        return condense(x, cls_attn, sizes, self.n_centres, self.head_reduce, self._generator)
 
     def encode(self, images: torch.Tensor):
         """The condensed forward (``vlmtta.vit.ViTOutput``) of preprocessed ``images`` [B, 3, S, S]."""

@@ -83,6 +83,7 @@ class TDA(Method):
         self.neg_entropy_low, self.neg_entropy_high = float(neg_entropy_low), float(neg_entropy_high)
         self.neg_mask_low, self.neg_mask_high = float(neg_mask_low), float(neg_mask_high)
         self.neg_entropy_norm = neg_entropy_norm
+        self.neg_eviction = "entropy"  # TDA's rule: keep each class's lowest-entropy entries (BoostAdapter: an option)
         self.positive: ClassCache | None = None
         self.negative: ClassCache | None = None
 
@@ -122,7 +123,7 @@ class TDA(Method):
         normalised = seen.entropy / self._entropy_scale()
         in_band = (normalised > self.neg_entropy_low) & (normalised < self.neg_entropy_high)
         mask = ((seen.probs > self.neg_mask_low) & (seen.probs < self.neg_mask_high)).to(seen.feature.dtype)
-        self.negative.insert(label, seen.feature, seen.entropy, value=mask, when=in_band)
+        self.negative.insert(label, seen.feature, seen.entropy, value=mask, when=in_band, evict=self.neg_eviction)
 
     def positive_affinity(self, seen: Summary, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Per-class positive-cache term [C] (before ``alpha``)."""

@@ -6,9 +6,6 @@ import torch
 from ..entropy import check_confidence, confidence_scores, confident_count
 from .base import Method, register
 
-TIE_BREAKS = ("paper", "code")
-
-
 @register
 class Zero(Method):
     """Keep the ``ratio`` most confident views, let each vote one-hot (temperature -> 0), majority wins.
@@ -18,14 +15,19 @@ class Zero(Method):
     (``ratio=0.3``, the value the official code and README moved to from the paper's first 0.1);
     zero the softmax temperature, so each kept view is a one-hot vote; sum the votes.
 
-    Ties between classes with the same vote count are broken greedily: the discarded views are
+    Ties between classes with the same vote count are broken greedily, as in the paper and the
+    official code (whose ``sorted_idx`` is the full confidence ranking): the discarded views are
     visited from the most confident on, and the first whose prediction is one of the tied classes
-    decides (``tie_break="paper"``).  The official code visits the views with index >= k in their
-    original order instead of their confidence order (``tie_break="code"``).  If no such view
-    exists, the tied class with the highest logit in the first visited view wins.
+    decides.  If no such view exists, the tied class with the highest logit in the first visited
+    view wins.
 
     Returns the normalised vote counts (the winner of a broken tie gets one extra vote, as in the
     code).  ``confidence="tsallis"`` with ``q`` ranks the views by Tsallis entropy instead (TE).
+
+    Precision: the official GPU runs compute the logits under fp16 autocast and divide them by
+    ``torch.finfo(dtype).eps`` as the "zero temperature": in fp16 that is 2**-10, so classes whose
+    cosines differ by less than a few thousandths share a view's vote (soft votes between near-ties).
+    vlmtta follows the paper's one-hot votes (each kept view votes for its argmax).
     """
 
     name = "zero"
@@ -33,13 +35,11 @@ class Zero(Method):
     paper = "Farina et al., Frustratingly Easy Test-Time Adaptation of Vision-Language Models, NeurIPS 2024"
 
     def __init__(self, n_views: int = 64, augmentation: str = "rrc_flip", ratio: float = 0.3,
-                 tie_break: str = "paper", confidence: str = "shannon", q: float = 1.0):
+                 confidence: str = "shannon", q: float = 1.0):
         super().__init__(n_views=n_views, augmentation=augmentation)
         confident_count(self.n_views, ratio)  # validates the ratio
-        if tie_break not in TIE_BREAKS:
-            raise ValueError(f"zero: unknown tie_break {tie_break!r}; accepted: {', '.join(TIE_BREAKS)}.")
         check_confidence(confidence, q)
-        self.ratio, self.tie_break, self.confidence, self.q = float(ratio), tie_break, confidence, float(q)
+        self.ratio, self.confidence, self.q = float(ratio), confidence, float(q)
 
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
@@ -48,7 +48,7 @@ class Zero(Method):
         votes = torch.bincount(logits[order[:kept]].argmax(dim=-1), minlength=logits.shape[1]).to(logits.dtype)
         tied = votes == votes.max()
         if int(tied.sum()) > 1:
-            rest = order[kept:] if self.tie_break == "paper" else torch.arange(kept, logits.shape[0], device=logits.device)
+            rest = order[kept:]
             votes[break_tie(tied, logits[rest] if len(rest) else logits[order])] += 1
         return votes / votes.sum()
 
