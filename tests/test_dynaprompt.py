@@ -89,5 +89,6 @@ def test_defaults_and_errors():
     d = cls.defaults()
     assert (d["buffer_size"], d["lr"], d["n_views"], d["confidence_ratio"]) == (12, 5e-3, 64, 0.1)
     assert cls.episodic is False and cls.info()["needs"] == ["text_grad"]
+    assert cls.options_for("dtd") == {"augmentation": "augmix"} and cls.options_for("imagenet_a") == {}
     with pytest.raises(ValueError, match="buffer_size"):
         create_method("dynaprompt", buffer_size=0)

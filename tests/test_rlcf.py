@@ -90,6 +90,7 @@ def test_paper_settings_and_errors(tiny_backbone, reward_dir):
     rlcf = get_method_class("rlcf")
     d = rlcf.defaults()
     assert (d["steps"], d["lr"], d["weight_decay"], d["sample_k"], d["reward_model"]) == (3, 7e-3, 5e-4, 3, "ViT-L-14")
+    assert rlcf.options_for("dtd") == {"augmentation": "augmix"}  # TPT's views
     method = bound(tiny_backbone, reward_dir, n_views=8)
     assert method.optimizer.param_groups[0]["weight_decay"] == 5e-4
     assert bound_method("tpt", tiny_backbone, CLASSES, n_views=8).optimizer.param_groups[0]["weight_decay"] == 0.01

@@ -6,7 +6,7 @@ import torch
 from ..entropy import confident_count, marginal_entropy, shannon_entropy
 from ..prompt_learner import DEFAULT_CTX_INIT, PromptLearner, init_context, load_context
 from .base import Context, Method, Need, register
-from .tpt import GRAD_SCALER_INIT
+from .tpt import FINE_GRAINED, GRAD_SCALER_INIT
 
 
 def prompt_metrics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +59,7 @@ class DynaPrompt(Method):
     paper = "Xiao et al., DynaPrompt: Dynamic Test-Time Prompt Tuning, ICLR 2025"
     episodic = False
     needs = frozenset({Need.TEXT_GRAD})
+    dataset_defaults = {name: {"augmentation": "augmix"} for name in FINE_GRAINED}  # as TPT (the code's views)
 
     def __init__(self, n_views: int = 64, augmentation: str = "rrc_flip", lr: float = 5e-3,
                  confidence_ratio: float = 0.1, buffer_size: int = 12, n_ctx: int = 4,

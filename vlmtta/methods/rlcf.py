@@ -31,12 +31,12 @@ def reward_loss(logits: torch.Tensor, rewards: torch.Tensor, sampled: torch.Tens
 class RLCF(TPT):
     """RLCF (prompt variant): tune TPT's prompt context with rewards from a second, frozen CLIP.
 
-    Per image (episodic): 64 views, the 10 % lowest-entropy ones kept (selected once, at the first step); at
-    each of ``steps`` = 3 AdamW steps (lr 7e-3, weight decay 5e-4) each kept view's ``sample_k`` = 3 top
-    classes under the current context are scored by the reward model, ``2.5 * max(cos, 0)`` between its
-    image feature of the view and its text feature of the class, minus the view's mean score (the baseline),
-    and the loss is the reward-weighted cross-entropy of the policy's logits on those classes.  Then the
-    tuned context predicts the original view, as TPT.
+    Per image (episodic): 64 views (AugMix on the fine-grained sets, as TPT), the 10 % lowest-entropy ones
+    kept (selected once, at the first step); at each of ``steps`` = 3 AdamW steps (lr 7e-3, weight decay 5e-4)
+    each kept view's ``sample_k`` = 3 top classes under the current context are scored by the reward model,
+    ``2.5 * max(cos, 0)`` between its image feature of the view and its text feature of the class, minus the
+    view's mean score (the baseline), and the loss is the reward-weighted cross-entropy of the policy's logits
+    on those classes.  Then the tuned context predicts the original view, as TPT.
 
     The reward model is any open_clip backbone (``reward_model`` / ``reward_pretrained``; the paper's is
     ViT-L/14 with OpenAI weights), loaded once and shared; it encodes the kept views (resized to its input
