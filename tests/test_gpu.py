@@ -37,9 +37,11 @@ def test_cuda_images_and_predict_match_cpu(pair, rgb_image):
 
 
 @pytest.mark.parametrize("name", [m for m in method_names() if m != "difftpt"])
-def test_every_method_runs_on_cuda_and_agrees_with_cpu(pair, rgb_image, name):
+def test_every_method_runs_on_cuda_and_agrees_with_cpu(pair, rgb_image, tiny_model_dir, name):
     """Each method's CUDA path (fp16 autocast, device-resident state) gives the CPU prediction."""
     cpu, gpu = pair
     options = {"layers": (1,)} if name == "tca" else {"n_views": 8}  # the tiny ViT has 2 blocks
+    if name == "rlcf":  # the reward model: the tiny CLIP too (no hub here)
+        options |= {"reward_model": tiny_model_dir, "reward_pretrained": None}
     results = [vlmtta.Adapter(CLASSES, name, backbone=b, **options).step(rgb_image) for b in (cpu, gpu)]
     assert results[1].probabilities == pytest.approx(results[0].probabilities, abs=2e-2)

@@ -44,3 +44,12 @@ def test_coop_context_loads_from_a_checkpoint(tmp_path, tiny_backbone):
     torch.save({"weights": ctx}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="ctx"):
         load_context(tmp_path / "bad.pth")
+
+
+def test_many_contexts_in_one_pass_equal_one_at_a_time(tiny_backbone):
+    learner = PromptLearner(tiny_backbone, CLASSES, init_context(tiny_backbone, 4, "a photo of a"))
+    contexts = learner.ctx.detach() + 0.05 * torch.randn(3, *learner.ctx.shape, generator=torch.Generator().manual_seed(0))
+    many = learner.forward_many(contexts)
+    assert many.shape == (3, len(CLASSES), learner().shape[1])
+    for s in range(3):
+        torch.testing.assert_close(many[s], learner(contexts[s]), atol=1e-5, rtol=1e-5)

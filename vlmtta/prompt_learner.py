@@ -101,3 +101,12 @@ class PromptLearner(nn.Module):
         """L2-normalised class text features [C, D] (float32), differentiable w.r.t. the context only."""
         features = self.tower.forward_embeddings(self.prompts(ctx), self.positions)
         return nn.functional.normalize(features.float(), dim=-1)
+
+    def forward_many(self, contexts: torch.Tensor) -> torch.Tensor:
+        """Class text features [S, C, D] of ``S`` contexts [S, M, W] in one pass of the tower (S x C prompts)."""
+        n_contexts = contexts.shape[0]
+        ctx = contexts.to(self.prefix.dtype).unsqueeze(1).expand(-1, self.n_classes, -1, -1)
+        prompts = torch.cat([self.prefix.expand(n_contexts, -1, -1, -1), ctx,
+                             self.suffix.expand(n_contexts, -1, -1, -1)], dim=2).flatten(0, 1)
+        features = self.tower.forward_embeddings(prompts, self.positions.repeat(n_contexts))
+        return nn.functional.normalize(features.float(), dim=-1).view(n_contexts, self.n_classes, -1)

@@ -128,7 +128,7 @@ def run_speed_benchmark(
     image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=generator).to(backbone.device)
     rows = [_encode_row(backbone, image, n_views, repeats, warmup)]
     for name in methods or method_names():
-        options = _view_options(name, n_views) | (method_options or {}).get(name, {})
+        options = _view_options(name, n_views) | _random_reward(name, backbone) | (method_options or {}).get(name, {})
         adapter = Adapter(classes, name, backbone=backbone, **options)
         seconds, memory = _time(lambda i: adapter.step(image), backbone.device, repeats, warmup)
         rows.append({"entry": name, "n_views": adapter.view_config.n_views, "latency_ms": 1000 * seconds, **memory})
@@ -145,6 +145,12 @@ def run_speed_benchmark(
 def _view_options(name: str, n_views: int) -> dict[str, Any]:
     """Pass ``n_views`` to methods that take it."""
     return {"n_views": n_views} if "n_views" in create_method(name).defaults() else {}
+
+
+def _random_reward(name: str, backbone: FrozenCLIP) -> dict[str, Any]:
+    """Methods with a second CLIP (RLCF's reward model) get random weights too when the backbone has them."""
+    return {"reward_pretrained": None} if backbone.pretrained is None and "reward_pretrained" in create_method(
+        name).defaults() else {}
 
 
 def _encode_row(backbone: FrozenCLIP, image: torch.Tensor, n_views: int, repeats: int, warmup: int) -> dict[str, Any]:

@@ -31,6 +31,16 @@ class Summary(NamedTuple):
     entropy: torch.Tensor  # 0-d, nats
 
 
+def summarise_views(features: torch.Tensor, logits: torch.Tensor, ratio: float) -> Summary:
+    """One view as is; several: the ``ratio`` most confident views averaged (mean feature, not renormalised;
+    mean logits; entropy of their mean probability), as TDA's and DPE's official code."""
+    if features.shape[0] == 1:
+        return Summary(features[0], logits[0], logits[0].softmax(-1), shannon_entropy(logits[0]))
+    keep = select_confident(logits, ratio)
+    chosen = logits[keep]
+    return Summary(features[keep].mean(0), chosen.mean(0), marginal_log_probs(chosen).exp(), marginal_entropy(chosen))
+
+
 @register
 class TDA(Method):
     """Positive and negative key-value caches of test features, filled online by pseudo-label.
@@ -110,11 +120,7 @@ class TDA(Method):
     # ---- steps (BoostAdapter overrides some) ------------------------------------------------------
     def summarise(self, features: torch.Tensor, logits: torch.Tensor) -> Summary:
         """The original view, or the average of the confident views when there are several."""
-        if features.shape[0] == 1:
-            return Summary(features[0], logits[0], logits[0].softmax(-1), shannon_entropy(logits[0]))
-        keep = select_confident(logits, self.confident_ratio)
-        chosen = logits[keep]
-        return Summary(features[keep].mean(0), chosen.mean(0), marginal_log_probs(chosen).exp(), marginal_entropy(chosen))
+        return summarise_views(features, logits, self.confident_ratio)
 
     def update(self, seen: Summary) -> None:
         """Insert the image into the positive cache, and into the negative one when its entropy is in the band."""

@@ -1,6 +1,8 @@
 """TPT: test-time prompt tuning (Shu et al., NeurIPS 2022), with C-TPT's calibration term (Yoon et al., ICLR 2024)."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from ..entropy import check_confidence, confidence_scores, marginal_entropy, select_confident
@@ -59,6 +61,8 @@ class TPT(Method):
     paper = "Shu et al., Test-Time Prompt Tuning for Zero-Shot Generalization in Vision-Language Models, NeurIPS 2022"
     needs = frozenset({Need.TEXT_GRAD})
     dataset_defaults = {name: {"augmentation": "augmix"} for name in FINE_GRAINED}
+    weight_decay: float = 0.01  # AdamW's (torch's default, as TPT); RLCF makes it an option
+    predicts_from_all_views: ClassVar[bool] = False  # whether predict_after_tuning reads every view (R-TPT)
 
     def __init__(self, n_views: int = 64, augmentation: str = "rrc_flip", steps: int = 1, lr: float = 5e-3,
                  confidence_ratio: float = 0.1, confidence: str = "shannon", q: float = 1.0, n_ctx: int = 4,
@@ -97,7 +101,7 @@ class TPT(Method):
         with torch.no_grad():
             self.learner.ctx.copy_(self._init_ctx)
         self.learner.ctx.grad = None
-        self.optimizer = torch.optim.AdamW([self.learner.ctx], lr=self.lr)
+        self.optimizer = torch.optim.AdamW([self.learner.ctx], lr=self.lr, weight_decay=self.weight_decay)
         self._at_init = True
 
     # ---- prediction ---------------------------------------------------------------------------
@@ -107,7 +111,7 @@ class TPT(Method):
             return self._predict_reference(views)
         features = backbone.encode_images(views).clone()  # a normal tensor: it enters the autograd graph
         self.tune(features)
-        return self.predict_tuned(features[:1])
+        return self.predict_after_tuning(features)
 
     @torch.enable_grad()
     def tune(self, features: torch.Tensor) -> None:
@@ -136,6 +140,10 @@ class TPT(Method):
         if self.ctpt_lambda:
             loss = loss - self.ctpt_lambda * text_feature_dispersion(text.float())
         return loss
+
+    def predict_after_tuning(self, features: torch.Tensor) -> torch.Tensor:
+        """The prediction [C] from the views' features [N, D] once the context is tuned (TPT: the original view)."""
+        return self.predict_tuned(features[:1])
 
     @torch.no_grad()
     def predict_tuned(self, features: torch.Tensor) -> torch.Tensor:
@@ -180,7 +188,7 @@ class TPT(Method):
                     selected = self.select(logits.detach(), features)
                 loss = self.loss(logits[selected], text)
             self._step(loss, self.learner.ctx, retain=False)
-        return self.predict_tuned(backbone.encode_images(views[:1]))
+        return self.predict_after_tuning(backbone.encode_images(views if self.predicts_from_all_views else views[:1]))
 
 
 @register

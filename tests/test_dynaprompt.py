@@ -1,0 +1,94 @@
+"""DynaPrompt: the online prompt buffer equals a direct, one-prompt-at-a-time formulation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import bound_method, random_images
+from vlmtta.methods import create_method, get_method_class
+from vlmtta.methods.dynaprompt import prompt_metrics
+
+CLASSES = ["cat", "dog", "golden retriever", "car", "airliner", "tabby cat"]
+
+
+class DirectDynaPrompt:
+    """The buffer as a list of slots (``None`` or [offset, last use]); every prompt encoded on its own; AdamW's
+    first step written out (fresh moments each image: ``p (1 - lr wd) - lr g / (|g| + eps)``).  Ties in "least
+    recently used" go to the lowest slot, a new prompt takes the lowest free slot."""
+
+    def __init__(self, learner, scale, size, lr=5e-3, ratio=0.1):
+        self.learner, self.scale, self.lr, self.ratio = learner, scale, lr, ratio
+        self.slots: list = [None] * size
+        self.clock = 0
+
+    def step(self, features):
+        if all(self.slots):
+            self.slots[min(range(len(self.slots)), key=lambda i: (self.slots[i][1], i))] = None
+        stored = [i for i, item in enumerate(self.slots) if item is not None]
+        fresh = self.slots.index(None)
+        candidates = [self.slots[i][0] for i in stored] + [torch.zeros_like(self.learner.ctx)]
+        leaves = [c.clone().requires_grad_(True) for c in candidates]
+        logits = [self.scale * features @ self.learner(self.learner.ctx + leaf).t() for leaf in leaves]
+
+        def entropy(x):
+            p = x.softmax(-1)
+            return -(p * p.log()).sum(-1)
+
+        ent = [float(entropy(l.detach()).mean()) for l in logits]
+        diff = [float((l.detach()[0].max() - l.detach()[1:].max(-1).values).mean()) for l in logits]
+        chosen = [i for i in range(len(stored)) if ent[i] < ent[-1] and diff[i] > diff[-1]] + [len(stored)]
+        view_entropy = torch.stack([entropy(logits[i].detach()) for i in chosen]).mean(0)
+        keep = view_entropy.argsort()[: max(1, int(len(features) * self.ratio))]
+        losses = []
+        for i in chosen:
+            mean = logits[i][keep].softmax(-1).mean(0)
+            losses.append(-(mean * mean.log()).sum())
+        grads = torch.autograd.grad(torch.stack(losses).mean(), [leaves[i] for i in chosen])
+        tuned = [candidates[i] * (1 - self.lr * 0.01) - self.lr * g / (g.abs() + 1e-8) for i, g in zip(chosen, grads)]
+        for i, t in zip(chosen, tuned):
+            self.slots[stored[i] if i < len(stored) else fresh] = [t, self.clock]
+        self.clock += 1
+        with torch.no_grad():
+            out = torch.stack([self.scale * features[0] @ self.learner(self.learner.ctx + t).t() for t in tuned]).mean(0)
+        return out.softmax(-1)
+
+
+def test_stream_equals_the_direct_formulation(tiny_backbone):
+    method = bound_method("dynaprompt", tiny_backbone, CLASSES, n_views=16, buffer_size=3)
+    direct = DirectDynaPrompt(method.learner, method.context.logit_scale, 3)
+    selected_more_than_one = False
+    for seed in range(7):
+        views = random_images(16, seed)
+        probs = method.predict_views(views)
+        selected_more_than_one |= int((method.last_used == method.clock - 1).sum()) > 1
+        torch.testing.assert_close(probs, direct.step(tiny_backbone.encode_images(views)), atol=1e-5, rtol=1e-4)
+        assert method.last_used.tolist() == [-1 if item is None else item[1] for item in direct.slots]
+    for slot, item in enumerate(direct.slots):
+        torch.testing.assert_close(method.offsets[slot], item[0], atol=1e-5, rtol=1e-4)
+    assert selected_more_than_one  # the selection rule was exercised, not only the initial prompt
+
+
+def test_metrics_and_reset(tiny_backbone):
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 3.0]], [[0.0, 0.5], [1.0, 1.0]]])
+    entropy, difference = prompt_metrics(logits)
+    p = logits.softmax(-1)
+    torch.testing.assert_close(entropy, (-(p * p.log()).sum(-1)).mean(0))
+    torch.testing.assert_close(difference, torch.tensor([(2.0 - 1.0 + 2.0 - 0.5) / 2, (0.0 - 3.0 + 0.0 - 1.0) / 2]))
+    method = bound_method("dynaprompt", tiny_backbone, CLASSES, n_views=8, buffer_size=2)
+    first = [method.predict_views(random_images(8, s)) for s in range(3)]
+    assert bool((method.last_used >= 0).all()) and method.offsets.abs().sum() > 0
+    method.reset()
+    assert bool((method.last_used < 0).all()) and method.offsets.abs().sum() == 0 and method.clock == 0
+    for s, p in enumerate(first):
+        torch.testing.assert_close(method.predict_views(random_images(8, s)), p)
+    assert not method.learner.ctx.requires_grad and all(p.grad is None for p in tiny_backbone.model.parameters())
+
+
+def test_defaults_and_errors():
+    cls = get_method_class("dynaprompt")
+    d = cls.defaults()
+    assert (d["buffer_size"], d["lr"], d["n_views"], d["confidence_ratio"]) == (12, 5e-3, 64, 0.1)
+    assert cls.episodic is False and cls.info()["needs"] == ["text_grad"]
+    assert cls.options_for("dtd") == {"augmentation": "augmix"} and cls.options_for("imagenet_a") == {}
+    with pytest.raises(ValueError, match="buffer_size"):
+        create_method("dynaprompt", buffer_size=0)
