@@ -4,7 +4,7 @@ A :class:`Samples` record holds, for every test sample in stream order, what any
 
 * ``labels`` [N] int64: the true class (read by metrics only; never given to a method);
 * ``topk_index`` [N, K] int32 and ``topk_prob`` [N, K] float32: the K = min(5, C) most probable classes,
-  best first (top-1, top-5, the max-probability confidence);
+  best first, ties to the lower class index as ``argmax`` (top-1, top-5, the max-probability confidence);
 * ``p_label`` [N] float32: the probability of the true class (NLL, Brier);
 * ``sq_sum`` [N] float32: the sum over classes of p² (Brier);
 * ``probs`` [N, C] float32: the full probability row, stored only when C <= ``FULL_ROW_MAX_CLASSES``;
@@ -93,7 +93,8 @@ class Samples:
                              f"{len(labels)} labels.")
         n, n_classes = probs.shape
         labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        values, indices = probs.topk(min(TOP_K, n_classes), dim=1)
+        values, indices = probs.sort(dim=1, descending=True, stable=True)  # ties: lower index first, as argmax
+        values, indices = values[:, :TOP_K], indices[:, :TOP_K]
         return cls(labels=labels_t.numpy(), topk_index=indices.int().numpy(), topk_prob=values.numpy(),
                    p_label=probs.gather(1, labels_t[:, None])[:, 0].numpy(), sq_sum=probs.square().sum(1).numpy(),
                    latency_ms=np.asarray(latency_ms if latency_ms is not None else np.zeros(n), dtype=np.float32),
