@@ -35,7 +35,7 @@ from .images import load_image
 from .methods import Need, get_method_class
 from .metrics import DamagedSamples, Recorder, Samples
 from .results import read_result, result_name, save_result
-from .speed import peak_memory
+from .speed import memory_record, peak_memory
 from .version import __version__
 from .views import VIEW_POLICIES, make_views, view_seed
 
@@ -259,15 +259,6 @@ def _run_method(spec: BenchSpec, source: _Source, method: str, order: str, strea
     result = save_result(path, result, samples)
     _checkpoint_path(path).unlink(missing_ok=True)
     return result
-
-
-def memory_record(device: torch.device, memory: dict[str, float]) -> dict[str, Any]:
-    """Peak memory of a stream: the CUDA allocator's peak on GPU, the growth of resident memory on CPU."""
-    if device.type == "cuda":
-        return {"device": str(device), "peak_mb": memory["total_mb"], "growth_mb": memory["peak_mb"],
-                "measure": "CUDA max_memory_allocated over the stream"}
-    return {"device": str(device), "peak_mb": memory["peak_mb"], "rss_peak_mb": memory["total_mb"],
-            "measure": "growth of the process's resident memory over the stream (sampled every ms)"}
 
 
 def _warn(message: str) -> None:
