@@ -218,7 +218,6 @@ def plot_reliability(results: list[dict[str, Any]], out: str | Path, warn: Warn 
         ax.bar(left[filled], (bins["confidence"] - bins["accuracy"])[filled], bottom=bins["accuracy"][filled],
                width=width[filled], align="edge", color="tab:red", alpha=0.3, label="gap to confidence")
         ax.plot([0, 1], [0, 1], color="black", ls="--", lw=0.8)
-        ax.plot(left + width / 2, bins["count"] / bins["count"].sum(), color="tab:orange", lw=1, label="share")
         ax.set_title(f"{name}: ECE {ece(samples.confidence, samples.correct):.1f} %, n={len(samples)}", fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -240,7 +239,7 @@ def plot_heatmap(results: list[dict[str, Any]], out: str | Path, baseline: str =
     if not methods or not datasets:
         raise ValueError("Nothing to compare with the baseline.")
     limit = float(np.nanmax(np.abs(gain))) if np.isfinite(gain).any() else 1.0
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(datasets), 1.2 + 0.42 * len(methods)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 + 0.75 * len(datasets)), max(2.5, 1.2 + 0.42 * len(methods))))
     image = ax.imshow(gain, cmap="RdBu" if metric not in ("ece", "nll", "brier", "aurc", "fpr95") else "RdBu_r",
                       vmin=-limit, vmax=limit, aspect="auto")
     for (i, j), value in np.ndenumerate(gain):
@@ -284,11 +283,11 @@ def plot_stream(results: list[dict[str, Any]], out: str | Path, baseline: str = 
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(6, len(labels)),
-               bbox_to_anchor=(0.5, -0.02))
-    fig.supxlabel("images seen", fontsize=9, y=0.06)
+    for ax in axes[-1]:
+        ax.set_xlabel("images seen", fontsize=8)
     fig.supylabel("accuracy so far (%)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(6, len(labels)))
     return _save(fig, out)
 
 
