@@ -318,19 +318,20 @@ def write_summary(folder: str | Path, severity: int, n: int, order: str, seed: i
     from ..results import format_tables, load_results, testbed_group
 
     results = [r for r in load_results(folder, warn) if testbed_group(r) == (severity, n, order) and r["seed"] == seed]
-    stem = Path(folder) / f"{settings_label(severity, n, order)}__seed{seed}"
+    stem = f"{settings_label(severity, n, order)}__seed{seed}"
+    table, figure = Path(folder) / f"{stem}.md", Path(folder) / f"{stem}.png"
     text = "".join(format_tables(results, "md", metric) for metric in ("top1", "ece", "latency"))
-    atomic_write(stem.with_suffix(".md"), lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(table, lambda handle: handle.write(text.encode("utf-8")))
     from ..plots import plot_pareto
 
     try:
-        plot_pareto(results, stem.with_suffix(".png"),
+        plot_pareto(results, figure,
                     title=f"Fashion-MNIST testbed: mean over the corruptions at severity {severity}, {n} images each")
     except (ImportError, ValueError) as error:  # no matplotlib (the plot extra), or nothing comparable
         if warn:
             warn(f"no Pareto plot: {error}")
-        return stem.with_suffix(".md"), None
-    return stem.with_suffix(".md"), stem.with_suffix(".png")
+        return table, None
+    return table, figure
 
 
 def severity_table(method: str = "zeroshot", n_per_corruption: int | None = 1000, seed: int = 0,
