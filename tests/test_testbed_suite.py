@@ -132,6 +132,7 @@ def test_parse_order():
     (["--pretrained", "openai"], "--pretrained does not apply"),
     (["--limit", "5"], "does not take --limit"),
     (["--templates", "ensemble7"], "does not take --templates"),
+    (["--cache-dir", "/tmp", "--force"], "does not take --cache-dir, --force"),
 ])
 def test_testbed_cli_refuses_options_it_cannot_honour(tmp_path, capsys, argv, message):
     code = main(["bench", "--suite", "testbed", "--methods", "zeroshot", "--results", str(tmp_path), *argv])

@@ -205,8 +205,11 @@ def _bench_testbed(args: argparse.Namespace) -> int:
                                          ("--templates", args.templates), ("--tag", args.tag or None),
                                          ("--limit", args.limit))
                if value is not None]
-    if args.augmentation != "method" or args.precision != "auto":
-        ignored += ["--augmentation"] * (args.augmentation != "method") + ["--precision"] * (args.precision != "auto")
+    ignored += [flag for flag, changed in (("--augmentation", args.augmentation != "method"),
+                                           ("--precision", args.precision != "auto"),
+                                           ("--cache-dir", args.cache_dir is not None),
+                                           ("--checkpoint-every", args.checkpoint_every != 500),
+                                           ("--workers", args.workers != 2), ("--force", args.force)) if changed]
     if ignored:
         raise ValueError(f"--suite testbed does not take {', '.join(ignored)} (it streams its own corrupted "
                          "Fashion-MNIST images; use --n-per-corruption for the size, -o for method options).")

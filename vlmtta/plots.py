@@ -214,9 +214,9 @@ def plot_reliability(results: list[dict[str, Any]], out: str | Path, warn: Warn 
         left, width = bins["edges"][:-1], np.diff(bins["edges"])
         filled = bins["count"] > 0
         ax.bar(left[filled], bins["accuracy"][filled], width=width[filled], align="edge", color="tab:blue",
-               edgecolor="white", lw=0.5, label="accuracy")
-        ax.bar(left[filled], (bins["confidence"] - bins["accuracy"])[filled], bottom=bins["accuracy"][filled],
-               width=width[filled], align="edge", color="tab:red", alpha=0.3, label="gap to confidence")
+               edgecolor="white", lw=0.5, label="accuracy in the bin")
+        ax.scatter(bins["confidence"][filled], bins["confidence"][filled], s=10, color="tab:red", zorder=3,
+                   label="mean confidence in the bin")
         ax.plot([0, 1], [0, 1], color="black", ls="--", lw=0.8)
         ax.set_title(f"{name}: ECE {ece(samples.confidence, samples.correct):.1f} %, n={len(samples)}", fontsize=9)
         ax.set_xlim(0, 1)
