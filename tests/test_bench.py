@@ -12,6 +12,7 @@ from test_data_trees import coop_tree
 from vlmtta import bench
 from vlmtta.bench import BenchSpec, InjectedFailure, run_bench
 from vlmtta.cli import main
+from vlmtta.metrics import METRICS, Samples, compute_metrics
 from vlmtta.methods import Need, register
 from vlmtta.methods.zeroshot import ZeroShot
 
@@ -92,6 +93,7 @@ def test_resume_after_injected_failure(tree, tiny_model_dir):
     assert resumed["resumed_from"] == 4 and resumed["n"] == 12
     clean = run_bench(_spec(tree, tiny_model_dir, ["zeroshot"], tag="clean"))[0]
     assert clean["resumed_from"] == 0 and clean["correct"] == resumed["correct"]
+    assert resumed["metrics"] == clean["metrics"]  # the checkpointed per-sample record resumes exactly
     assert run_bench(spec)[0]["finished_at"] == resumed["finished_at"]  # finished work is skipped
     with pytest.raises(ValueError, match="--tag"):
         run_bench(_spec(tree, tiny_model_dir, ["zeroshot"], order="sorted"))
@@ -163,3 +165,13 @@ def test_real_imagenet_stream_zeroshot(tmp_path):
         direct = int(((100 * image @ text.T).argmax(1) == data["labels"]).sum())
         assert result["n"] == 6997 and result["correct"] == direct == expected
         assert result["protocol"]["logits_dtype"] == str(dtype).replace("torch.", "")
+
+
+def test_results_carry_metrics_memory_and_a_per_sample_file(tree, tiny_model_dir):
+    result = run_bench(_spec(tree, tiny_model_dir, ["zeroshot"]))[0]
+    path = next((tree / "results").glob("eurosat__zeroshot__*.json"))
+    samples, _ = Samples.load(path.with_suffix(".npz"))
+    assert len(samples) == 12 and samples.probs.shape == (12, 10)  # EuroSAT: 10 classes, full rows kept
+    assert compute_metrics(samples)["top1"] == result["accuracy"] == result["metrics"]["top1"]
+    assert set(result["metrics"]) == set(METRICS) and result["memory"]["peak_mb"] >= 0
+    assert sorted(samples.stream_index.tolist()) == list(range(12))  # every test image once, in stream order

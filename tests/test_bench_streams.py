@@ -157,7 +157,7 @@ def test_testbed_suite_takes_the_order(tmp_path, capsys):
     args = ["bench", "--suite", "testbed", "--methods", "zeroshot", "--n-per-corruption", "8", "--device", "cpu",
             "--results", str(tmp_path), "--no-progress", "--order", "dirichlet:0.5", "--severity", "2"]
     assert main(args) == 0
-    saved = json.loads((tmp_path / "testbed_sev2_n8_seed0.json").read_text())
+    saved = json.loads(next((tmp_path / "testbed").glob("testbed-s2-n8-dirichlet0.5-*__zeroshot__*.json")).read_text())
     present = int(subset(8, 0)[1].unique().numel())  # RoTTA: one slot per class in the stream
     assert saved["protocol"]["stream"] == {"order": "dirichlet", "seed": 0, "alpha": 0.5, "slots": present,
                                            "protocol": "RoTTA / NOTE"}

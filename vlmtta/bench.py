@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,11 +33,12 @@ from .api import Adapter
 from .cache import cache_key
 from .data import get_spec, read_split
 from .data.readers import Split
-from .features import FeatureFile, ViewFeatureCache, encode_missing, load_features_file, read_json, view_cache_parts, \
-    write_json
+from .features import FeatureFile, ViewFeatureCache, encode_missing, load_features_file, view_cache_parts
 from .images import load_image
 from .methods import Need, check_options, get_method_class
-from .results import result_name, save_result
+from .metrics import DamagedSamples, Recorder, Samples
+from .results import read_result, result_name, save_result
+from .speed import memory_record, peak_memory
 from .streams import StreamOrder
 from .version import __version__
 from .views import VIEW_POLICIES, make_views, view_seed
@@ -269,7 +270,7 @@ class _Run:
 
     def finished(self) -> dict[str, Any] | None:
         """The saved result of exactly this run, or None; a result of other settings at ``path`` is an error."""
-        existing = read_json(self.path)
+        existing = read_result(self.path, warn=_warn) if self.path.exists() else None
         if existing is None or existing.get("config_key") == self.key:
             return existing
         raise ValueError(f"{self.path} holds a result of {self.protocol['method']} on {self.protocol['dataset']} with "
@@ -301,11 +302,15 @@ def _run_method(spec: BenchSpec, source: _Source, method: str, order: StreamOrde
     if existing is not None and not rerun_finished:
         return existing
     predict, view_facts = source.predictor(run.adapter)
-    outcome = _stream(spec, run.adapter, predict, stream, source.labels, run.path, run.key, fail_after, reset)
+    device = run.adapter.backbone.device if run.adapter.backbone is not None else torch.device("cpu")
+    with peak_memory(device) as memory:
+        outcome, samples = _stream(spec, run.adapter, predict, stream, source.labels, run.path, run.key, fail_after,
+                                   reset)
     result = {"dataset": source.name, "method": method, "tag": run.tag, "model": run.model,
-              "pretrained": run.pretrained, "seed": spec.seed, **outcome, "protocol": {**run.protocol, **view_facts},
-              "config_key": run.key, "versions": versions(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    save_result(run.path, result)
+              "pretrained": run.pretrained, "seed": spec.seed, **outcome, "memory": memory_record(device, memory),
+              "protocol": {**run.protocol, **view_facts}, "config_key": run.key, "versions": versions(),
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result = save_result(run.path, result, samples)
     _checkpoint_path(run.path).unlink(missing_ok=True)
     return result
 
@@ -344,45 +349,65 @@ def _run_continual(spec: BenchSpec, fail_after: int | None) -> list[dict[str, An
     return results
 
 
+def _warn(message: str) -> None:
+    print(f"vlmtta: warning: {message}", file=sys.stderr)
+
+
 def _checkpoint_path(result_path: Path) -> Path:
-    return result_path.parent / ".partial" / (result_path.stem + ".ckpt")
+    return result_path.parent / ".partial" / (result_path.stem + ".ckpt.npz")
+
+
+def _resume(ckpt_path: Path, key: str) -> tuple[Samples | None, float]:
+    """The per-sample record and wall time of a matching checkpoint (none when absent, damaged or stale)."""
+    if not ckpt_path.is_file():
+        return None, 0.0
+    try:
+        samples, meta = Samples.load(ckpt_path)
+    except DamagedSamples as error:
+        _warn(f"{error}; starting the stream over.")
+        return None, 0.0
+    return (samples, float(meta.get("wall_s", 0.0))) if meta.get("config_key") == key else (None, 0.0)
 
 
 def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[int], torch.Tensor], stream: list[int],
-            labels: list[int], path: Path, key: str, fail_after: int | None, reset: bool = True) -> dict[str, Any]:
-    """Feed the stream (resuming an episodic one from its checkpoint) and score it; ``reset``: start from a fresh
-    adapter state (a continual run keeps the state of the previous domain)."""
+            labels: list[int], path: Path, key: str, fail_after: int | None,
+            reset: bool = True) -> tuple[dict[str, Any], Samples]:
+    """Feed the stream (resuming an episodic one from its checkpoint); its timing and per-sample record.
+    ``reset``: start from a fresh adapter state (a continual run keeps the state of the previous domain)."""
     from tqdm.auto import tqdm
 
     episodic, ckpt_path = adapter.method.episodic, _checkpoint_path(path)
-    state = read_json(ckpt_path) if episodic else None
-    if not state or state.get("config_key") != key:
-        state = {"config_key": key, "predictions": [], "latency_ms": [], "wall_s": 0.0}
-    resumed_from, start = len(state["predictions"]), time.perf_counter()
+    done, wall_s = _resume(ckpt_path, key) if episodic else (None, 0.0)
+    recorder = Recorder(start=done)
+    resumed_from, start = len(recorder), time.perf_counter()
     if reset:
         adapter.reset()
-    correct = sum(int(p == labels[i]) for p, i in zip(state["predictions"], stream))
+    correct = int(done.correct.sum()) if done is not None else 0
     bar = tqdm(total=len(stream), initial=resumed_from, desc=f"{adapter.method.name} {path.name.split('__')[0]}",
                unit="img", disable=not spec.progress)
     try:
         for pos in range(resumed_from, len(stream)):
             tick = time.perf_counter()
-            prediction = int(predict(stream[pos]).argmax())
-            state["latency_ms"].append(1000 * (time.perf_counter() - tick))
-            state["predictions"].append(prediction)
-            correct += int(prediction == labels[stream[pos]])  # labels: metric only
+            probs = predict(stream[pos])
+            latency = 1000 * (time.perf_counter() - tick)
+            label = labels[stream[pos]]  # labels: metric only
+            recorder.add(probs, label, latency, stream[pos])
+            correct += int(int(probs.argmax()) == label)
             bar.update(1)
             if (pos + 1) % 50 == 0 or pos + 1 == len(stream):
                 bar.set_postfix(acc=f"{100 * correct / (pos + 1):.2f}%", refresh=False)
             if episodic and (pos + 1) % spec.checkpoint_every == 0:
-                write_json(ckpt_path, {**state, "wall_s": state["wall_s"] + time.perf_counter() - start})
+                recorder.samples().save(ckpt_path, meta={"config_key": key,
+                                                         "wall_s": wall_s + time.perf_counter() - start})
             if fail_after is not None and pos + 1 - resumed_from >= fail_after:
                 raise InjectedFailure(f"injected failure after {fail_after} images ({FAIL_ENV} / fail_after)")
     finally:
         bar.close()
-    latency = state["latency_ms"] or [0.0]
-    return {"accuracy": 100 * correct / max(1, len(stream)), "correct": correct, "n": len(stream),
-            "resumed_from": resumed_from,
-            "timing": {"wall_s": state["wall_s"] + time.perf_counter() - start,
-                       "latency_ms_mean": statistics.fmean(latency), "latency_ms_median": statistics.median(latency),
-                       "latency_ms_p90": float(np.percentile(latency, 90))}}
+    if not len(recorder):
+        raise ValueError("The stream is empty: no images to evaluate.")
+    samples = recorder.samples()
+    latency = samples.latency_ms.astype(float)
+    return {"resumed_from": resumed_from,
+            "timing": {"wall_s": wall_s + time.perf_counter() - start,
+                       "latency_ms_mean": float(latency.mean()), "latency_ms_median": float(np.median(latency)),
+                       "latency_ms_p90": float(np.percentile(latency, 90))}}, samples

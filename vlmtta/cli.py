@@ -13,6 +13,8 @@ from .version import __version__
 FORMATS = ("table", "json", "csv")
 SEVERITY_HELP = ("corruption severities that imagenet_c / cifar10_c / cifar100_c[:corruption] expand to: 5 (default), "
                  "a comma list such as 3,5, or all")
+TABLE_METRICS = ("top1", "top5", "ece", "nll", "brier", "aurc", "auroc", "fpr95", "latency", "memory")
+PLOT_KINDS = ("pareto", "reliability", "heatmap", "stream")
 
 
 def _option(text: str) -> tuple[str, str]:
@@ -101,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     table = commands.add_parser("table", help="method x dataset tables from result JSON files")
     table.add_argument("results", nargs="?", default="results", help="folder of result JSON files (default: %(default)s)")
     table.add_argument("--format", choices=("md", "csv"), default="md")
+    table.add_argument("--metric", choices=TABLE_METRICS, default="top1",
+                       help="top1, top5, ece (20 bins), nll, brier, aurc, auroc, fpr95 (misclassification detection "
+                            "from the max probability), latency (ms per sample), memory (peak MB)")
     table.add_argument("--output", default=None, help="also write the table to this file")
+    _add_plot_parser(commands)
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     check = data_commands.add_parser("check", help="is each dataset present, complete and readable?")
@@ -160,9 +166,24 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--force", action="store_true", help="recompute finished results")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--table", choices=("md", "csv"), default=None, help="print the table of --results at the end")
+    bench.set_defaults(model=None, pretrained=None)  # ViT-B-16 / openai, or the testbed model with --suite testbed
     bench.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
                        help="features files: CLIP logits in the file's precision (auto: fp16 files are scored as "
                             "fp16 CLIP inference does), or fp32 / fp16")
+
+
+def _add_plot_parser(commands) -> None:
+    plot = commands.add_parser("plot", help="figures from result files (needs the plot extra: matplotlib)")
+    plot.add_argument("results", nargs="+", help="result folders or JSON files")
+    plot.add_argument("--kind", choices=PLOT_KINDS, required=True,
+                      help="pareto: metric against time per sample, one point per method (log-x); reliability: "
+                           "reliability diagrams; heatmap: method x dataset gain over --baseline; stream: running "
+                           "accuracy of the online methods along each stream")
+    plot.add_argument("-o", "--output", required=True, help="image file (.png, .pdf or .svg)")
+    plot.add_argument("--baseline", default="zeroshot", help="reference method (default: %(default)s)")
+    plot.add_argument("--metric", choices=TABLE_METRICS[:8], default="top1", help="pareto and heatmap (default: top1)")
+    plot.add_argument("--methods", default=None, help="comma-separated methods to keep (default: all)")
+    plot.add_argument("--datasets", default=None, help="comma-separated datasets to keep (default: all)")
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -198,29 +219,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"predict": _predict, "methods": _methods, "bench-speed": _bench_speed, "bench": _bench,
-                    "table": _table, "data": _data_check, "demo": _demo, "generate": _generate}
+                    "table": _table, "plot": _plot, "data": _data_check, "demo": _demo, "generate": _generate}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"vlmtta: error: {error}", file=sys.stderr)
         return 2
 
 
+def _warn(message: str) -> None:
+    print(f"vlmtta: warning: {message}", file=sys.stderr)
+
+
 def _bench_testbed(args: argparse.Namespace) -> int:
+    """``bench --suite testbed``: every option is honoured or refused; results are keyed by their settings."""
     from pathlib import Path
 
-    from .testbed.suite import format_table, run_suite
+    from .streams import StreamOrder
+    from .testbed.suite import MODEL, format_table, run_suite, save_suite, write_summary
     from .writable import ensure_writable_dir
 
+    ignored = [flag for flag, value in (("--datasets", args.datasets), ("--root", args.root),
+                                         ("--features", args.features), ("--splits-dir", args.splits_dir),
+                                         ("--templates", args.templates), ("--tag", args.tag or None),
+                                         ("--limit", args.limit),
+                                         ("--reset-between", args.reset_between))
+               if value is not None]
+    ignored += [flag for flag, changed in (("--augmentation", args.augmentation != "method"),
+                                           ("--precision", args.precision != "auto"),
+                                           ("--cache-dir", args.cache_dir is not None),
+                                           ("--checkpoint-every", args.checkpoint_every != 500),
+                                           ("--workers", args.workers != 2), ("--force", args.force),
+                                           ("--continual", args.continual)) if changed]
+    if ignored:
+        raise ValueError(f"--suite testbed does not take {', '.join(ignored)} (it streams its own corrupted "
+                         "Fashion-MNIST images; use --n-per-corruption for the size, -o for method options).")
     ensure_writable_dir(args.results, "Results folder")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    order = str(StreamOrder.parse(args.order or "iid"))
+    backbone = None
+    if args.model is not None and args.model != MODEL:
+        from .backbone import load_backbone
+
+        backbone = load_backbone(args.model, "auto" if args.pretrained is None else args.pretrained, args.device)
+    elif args.pretrained is not None:
+        raise ValueError("--pretrained does not apply to the testbed model (its weights are shipped); pass --model "
+                         "to run the suite on another backbone.")
+    from .methods import method_names
+
+    options = {m: dict(args.options) for m in (methods or method_names())} if args.options else None
     progress = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
     severity = _one_severity(args.severity)
-    result = run_suite(methods, severity, args.n_per_corruption, args.seed, order=args.order or "iid",
-                       device=args.device, progress=progress)
+    result = run_suite(methods, severity, args.n_per_corruption, args.seed, order=order, options=options,
+                       backbone=backbone, device=args.device, progress=progress)
+    folder = Path(args.results) / "testbed"
+    save_suite(result, folder, options)
     print(format_table(result, {"md": "markdown", "csv": "csv"}.get(args.table, "text")))
-    out = Path(args.results) / f"testbed_sev{severity}_n{args.n_per_corruption}_seed{args.seed}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result.to_dict(), indent=2))
+    table, figure = write_summary(folder, severity, result.protocol["images_per_corruption"],
+                                  result.protocol["order"], args.seed, _warn)
+    print(f"results: {folder}/ (one JSON + per-sample .npz per method and corruption); every method at these "
+          f"settings: {table}" + (f", Pareto plot: {figure}" if figure else ""), file=sys.stderr)
     return 0
 
 
@@ -324,6 +381,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.suite == "testbed":
         return _bench_testbed(args)
+    args.model = "ViT-B-16" if args.model is None else args.model
+    args.pretrained = "auto" if args.pretrained is None else args.pretrained
     if not args.methods:
         raise ValueError("bench needs --methods a,b,... (or --suite testbed).")
     if args.reset_between and not args.continual:
@@ -355,7 +414,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.table:
         from .results import format_tables, load_results
 
-        print(format_tables(load_results(args.results), args.table), end="")
+        print(format_tables(load_results(args.results, _warn), args.table), end="")
     return 1 if failed else 0
 
 
@@ -370,10 +429,37 @@ def _table(args: argparse.Namespace) -> int:
         from .writable import ensure_writable_file
 
         ensure_writable_file(args.output, "Output file")
-    text = format_tables(load_results(args.results), args.format)
+    text = format_tables(load_results(args.results, _warn), args.format, args.metric)
     print(text, end="")
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .plots import plot
+    from .results import load_results, read_result
+
+    results = []
+    for item in args.results:
+        path = Path(item)
+        if path.is_dir():
+            results += load_results(path, _warn)
+        elif path.is_file():
+            results += [r for r in [read_result(path, _warn)] if r is not None]
+        else:
+            raise FileNotFoundError(f"{item} is neither a results folder nor a result file.")
+    for field, wanted in (("method", args.methods), ("dataset", args.datasets)):
+        if wanted:
+            keep = {w.strip() for w in wanted.split(",") if w.strip()}
+            results = [r for r in results if r[field] in keep or (field == "method" and r["method"] == args.baseline)]
+    try:
+        out = plot(results, args.kind, args.output, args.baseline, args.metric, _warn)
+    except ImportError as error:
+        raise RuntimeError(str(error)) from None
+    print(out)
     return 0
 
 

@@ -79,6 +79,15 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         result["peak_mb"], result["total_mb"] = max(0, top - start) / 2**20, top / 2**20
 
 
+def memory_record(device: torch.device, memory: dict[str, float]) -> dict[str, Any]:
+    """Peak memory of a stream: the CUDA allocator's peak on GPU, the growth of resident memory on CPU."""
+    if device.type == "cuda":
+        return {"device": str(device), "peak_mb": memory["total_mb"], "growth_mb": memory["peak_mb"],
+                "measure": "CUDA max_memory_allocated over the stream"}
+    return {"device": str(device), "peak_mb": memory["peak_mb"], "rss_peak_mb": memory["total_mb"],
+            "measure": "growth of the process's resident memory over the stream (sampled every ms)"}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

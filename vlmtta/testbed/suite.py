@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ..api import Adapter
 from ..backbone import FrozenCLIP, load_backbone
-from ..methods import Need, method_names
+from ..cache import atomic_write
+from ..metrics import Samples
+from ..methods import Need, get_method_class, method_names
+from ..speed import memory_record, peak_memory
 from ..streams import StreamOrder, iid_order, stream_order
 from ..views import make_views, view_seed
 from . import corruptions as C
@@ -37,13 +42,24 @@ class SuiteResult:
     errors: dict[str, str] = field(default_factory=dict)  # method -> why it could not run
     seconds: dict[str, float] = field(default_factory=dict)  # method -> wall time (views shared: first pays)
     protocol: dict[str, Any] = field(default_factory=dict)
+    cells: dict[str, dict[str, "Cell"]] = field(default_factory=dict)  # method -> corruption -> per-sample record
 
     def mean(self, method: str) -> float:
         row = self.accuracy[method]
         return sum(row.values()) / len(row)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mean": {m: self.mean(m) for m in self.accuracy}}
+        data = {k: v for k, v in asdict(self).items() if k != "cells"}
+        return {**data, "mean": {m: self.mean(m) for m in self.accuracy}}
+
+
+@dataclass
+class Cell:
+    """One method on one corruption: its per-sample record, the shared encoding cost and peak memory."""
+
+    samples: Samples
+    encode_ms_per_image: float  # views encoded once and shared (0 for methods that encode their own)
+    memory: dict[str, Any]
 
 
 def subset(n: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,10 +87,12 @@ class ViewFeatures:
     def __init__(self, backbone: FrozenCLIP, images: torch.Tensor, seed: int):
         self.backbone, self.images, self.seed = backbone, images, seed
         self._cache: dict[Any, list[torch.Tensor]] = {}
+        self.encode_seconds: dict[Any, float] = {}  # config -> time to make and encode every image's views
 
     def get(self, config, batch_size: int = 512) -> list[torch.Tensor]:
         """Features [n_views, D] of every image, views seeded as ``Adapter.step`` seeds them (encoded in batches)."""
         if config not in self._cache:
+            began = time.perf_counter()
             per_batch = max(1, batch_size // config.n_views)
             features = []
             for start in range(0, len(self.images), per_batch):
@@ -82,17 +100,35 @@ class ViewFeatures:
                          for k, image in enumerate(self.images[start:start + per_batch])]
                 features.extend(self.backbone.encode_images(torch.cat(views), batch_size).split(config.n_views))
             self._cache[config] = features
+            self.encode_seconds[config] = time.perf_counter() - began
         return self._cache[config]
 
 
 def evaluate(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor, views: ViewFeatures | None = None) -> float:
     """Top-1 accuracy (%) of ``adapter`` on a stream, using shared view features when it can."""
+    return 100.0 * float(evaluate_samples(adapter, images, labels, views)[0].correct.mean())
+
+
+def evaluate_samples(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor,
+                     views: ViewFeatures | None = None) -> tuple[Samples, float]:
+    """The per-sample record of ``adapter`` on a stream, and the shared encoding cost per image (ms; 0 when
+    the method encodes its own views, which its per-sample latency then includes)."""
     adapter.reset()
+    rows, latency, encode_ms = [], [], 0.0
     if views is not None and Need.VIEW_FEATURES in adapter.method.needs:
-        predictions = [int(adapter.adapt_features(f).argmax()) for f in views.get(adapter.view_config)]
+        features = views.get(adapter.view_config)
+        encode_ms = 1000.0 * views.encode_seconds[adapter.view_config] / max(1, len(features))
+        step = adapter.adapt_features
     else:
-        predictions = [adapter.step(image).index for image in images]
-    return 100.0 * float((torch.tensor(predictions) == labels).float().mean())
+        features = images
+
+        def step(image: torch.Tensor) -> torch.Tensor:
+            return torch.tensor(list(adapter.step(image).probabilities.values()))
+    for item in features:
+        tick = time.perf_counter()
+        rows.append(step(item).float().cpu())
+        latency.append(1000.0 * (time.perf_counter() - tick))
+    return Samples.from_probabilities(torch.stack(rows), labels.tolist(), latency), encode_ms
 
 
 def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_corruption: int | None = DEFAULT_N,
@@ -103,10 +139,11 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
 
     Args:
         severity: corruption severity 1..5.
-        n_per_corruption: test images per corruption (the same seeded subset for each), ``None`` = all.
+        n_per_corruption: test images per corruption (the same seeded subset for each), 1..10000; ``None`` = all.
         corruptions: names from ``corruptions.corruption_names()`` (and/or ``"clean"``); default: all.
-        order: stream order (``vlmtta.streams``), e.g. ``iid`` or ``dirichlet:0.1``.
-        options: per-method hyperparameters, e.g. ``{"tpt": {"n_views": 16}}``.
+        order: stream order (``vlmtta.streams``), e.g. ``iid`` or ``dirichlet:0.1`` (labels shape the order only).
+        options: per-method hyperparameters, e.g. ``{"tpt": {"n_views": 16}}``; a name the method does not
+            take is an error.
         backbone: a ``FrozenCLIP`` (default: ``load_backbone("vlmtta-testbed", device=device)``).
         progress: called with a line after every cell.
     """
@@ -115,26 +152,57 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
     unknown = [c for c in corruptions if c != "clean" and c not in C.CORRUPTIONS]
     if unknown:
         raise ValueError(f"Unknown corruption(s) {', '.join(unknown)}; accepted: clean, {', '.join(C.CORRUPTIONS)}.")
+    _check_settings(severity, n_per_corruption)
+    order = str(StreamOrder.parse(order))
+    _check_options(methods, options or {})
     backbone = backbone or load_backbone(MODEL, device=device)
     adapters, errors = _adapters(methods, backbone, seed, options or {})
     images, labels = subset(n_per_corruption, seed)
     result = SuiteResult({name: {} for name in adapters}, errors, {name: 0.0 for name in adapters},
-                         _protocol(adapters, severity, labels, seed, order, backbone))
+                         _protocol(adapters, severity, labels, seed, order, backbone),
+                         {name: {} for name in adapters})
     for corruption in corruptions:
         stream, truth = corrupted_stream(images, labels, corruption, severity, seed, order)
         views = ViewFeatures(backbone, stream, seed)
         for name, adapter in list(adapters.items()):
             start = time.perf_counter()
             try:
-                result.accuracy[name][corruption] = evaluate(adapter, stream, truth, views)
+                if Need.VIEW_FEATURES in adapter.method.needs:
+                    views.get(adapter.view_config)  # shared: encoded once, outside every method's memory peak
+                with peak_memory(backbone.device) as memory:
+                    samples, encode_ms = evaluate_samples(adapter, stream, truth, views)
             except _CANNOT_RUN as error:  # e.g. a method whose extra model is not available offline
                 result.errors[name] = f"{type(error).__name__}: {error}"
-                del adapters[name], result.accuracy[name], result.seconds[name]
+                del adapters[name], result.accuracy[name], result.seconds[name], result.cells[name]
                 continue
             result.seconds[name] += time.perf_counter() - start
+            result.accuracy[name][corruption] = 100.0 * float(samples.correct.mean())
+            result.cells[name][corruption] = Cell(samples, encode_ms, memory_record(backbone.device, memory))
             if progress:
                 progress(f"{name:>14} {corruption:<15} {result.accuracy[name][corruption]:6.2f} %")
     return result
+
+
+def _check_settings(severity: int, n_per_corruption: int | None) -> None:
+    if isinstance(severity, bool) or severity not in (1, 2, 3, 4, 5):
+        raise ValueError(f"severity must be an integer in 1..5, got {severity!r}.")
+    if n_per_corruption is not None and (isinstance(n_per_corruption, bool) or not 1 <= n_per_corruption <= 10_000):
+        raise ValueError(f"n_per_corruption must be in 1..10000 (the Fashion-MNIST test split), got "
+                         f"{n_per_corruption!r}.")
+
+
+def _check_options(methods: list[str], options: dict[str, dict[str, Any]]) -> None:
+    """Every option must be a hyperparameter of its method (methods that are not registered are reported later)."""
+    for name, given in options.items():
+        if name not in methods or not given:
+            continue
+        try:
+            accepted = get_method_class(name).defaults()
+        except (KeyError, ValueError):
+            continue
+        wrong = sorted(set(given) - set(accepted))
+        if wrong:
+            raise ValueError(f"{name} takes no option {', '.join(wrong)}; accepted: {', '.join(accepted)}.")
 
 
 def _adapters(methods: list[str], backbone: FrozenCLIP, seed: int,
@@ -176,6 +244,76 @@ def format_table(result: SuiteResult, fmt: str = "text") -> str:
              for r in [header, *rows]]
     notes = [f"{name}: not run ({why})" for name, why in result.errors.items()]
     return "\n".join(lines + notes)
+
+
+def options_tag(options: dict[str, Any]) -> str:
+    """What tells a run with non-default options apart in file names and table rows (``""`` for defaults)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+
+
+def settings_label(severity: int, n: int, order: str) -> str:
+    return f"testbed-s{severity}-n{n}-{order.replace(':', '')}"
+
+
+def save_suite(result: SuiteResult, folder: str | Path,
+               options: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Write one result per method and corruption under ``folder`` (JSON + per-sample ``.npz``, atomically).
+
+    The file name carries every setting (severity, images, order, corruption, method and its options, model,
+    weights, seed), so runs with other settings or other methods never overwrite each other; a re-run with
+    the same settings replaces its own files.
+    """
+    from ..bench import versions
+    from ..results import result_name, save_result
+
+    p, saved = result.protocol, []
+    backbone, n, order = p["backbone"], p["images_per_corruption"], p["order"]
+    settings = {"severity": p["severity"], "n_per_corruption": n, "order": order}
+    suite_facts = {k: v for k, v in p.items() if k not in ("methods", "backbone")}
+    for method, cells in result.cells.items():
+        tag = options_tag((options or {}).get(method, {}))
+        for corruption, cell in cells.items():
+            name = result_name(f"{settings_label(p['severity'], n, order)}-{corruption}", method, backbone["model"],
+                               backbone["pretrained"], p["seed"], tag)
+            latency = cell.samples.latency_ms.astype(float)
+            record = {"dataset": corruption, "method": method, "tag": tag, "model": backbone["model"],
+                      "pretrained": backbone["pretrained"], "seed": p["seed"], "suite": "testbed",
+                      "suite_settings": settings,
+                      "timing": {"latency_ms_mean": float(latency.mean()),
+                                 "latency_ms_median": float(np.median(latency)),
+                                 "latency_ms_p90": float(np.percentile(latency, 90)),
+                                 "encode_ms_per_image": cell.encode_ms_per_image},
+                      "memory": cell.memory,
+                      "protocol": {**suite_facts, **p["methods"][method], "corruption": corruption,
+                                   "labels_used_for": "metric only" + (" and the dirichlet order"
+                                                                       if order.startswith("dirichlet") else "")},
+                      "versions": versions(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            path = Path(folder) / name
+            saved.append({**save_result(path, record, cell.samples), "_source": str(path)})
+    return saved
+
+
+def write_summary(folder: str | Path, severity: int, n: int, order: str, seed: int,
+                  warn: Callable[[str], None] | None = None) -> tuple[Path, Path | None]:
+    """The top-1 and ECE tables of every method run at these settings in ``folder`` (``.md``), and beside it
+    their Pareto plot (``.png``; ``None`` without matplotlib)."""
+    from ..results import format_tables, load_results, testbed_group
+
+    results = [r for r in load_results(folder, warn) if testbed_group(r) == (severity, n, order) and r["seed"] == seed]
+    stem = f"{settings_label(severity, n, order)}__seed{seed}"
+    table, figure = Path(folder) / f"{stem}.md", Path(folder) / f"{stem}.png"
+    text = "".join(format_tables(results, "md", metric) for metric in ("top1", "ece", "latency"))
+    atomic_write(table, lambda handle: handle.write(text.encode("utf-8")))
+    from ..plots import plot_pareto
+
+    try:
+        plot_pareto(results, figure,
+                    title=f"Fashion-MNIST testbed: mean over the corruptions at severity {severity}, {n} images each")
+    except (ImportError, ValueError) as error:  # no matplotlib (the plot extra), or nothing comparable
+        if warn:
+            warn(f"no Pareto plot: {error}")
+        return table, None
+    return table, figure
 
 
 def severity_table(method: str = "zeroshot", n_per_corruption: int | None = 1000, seed: int = 0,
