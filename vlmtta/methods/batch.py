@@ -26,6 +26,23 @@ from .base import Method, Need
 RESET_POLICIES = ("batch", "domain", "continual")
 
 
+def norms_below_top(visual: torch.nn.Module, frozen_top: float) -> dict[str, torch.Tensor]:
+    """Norm affines of the image tower without the top ``frozen_top`` share of its transformer blocks and
+    without the final norm (SAR / DeYO: blocks 9-11 and ``norm`` of ViT-B; ``layer4`` of a ResNet)."""
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    first_frozen = len(blocks) - round(len(blocks) * frozen_top) if blocks is not None else None
+
+    def keep(name: str) -> bool:
+        parts = name.split(".")
+        if name in ("ln_post", "norm") or parts[0] == "layer4":
+            return False
+        if first_frozen is not None and parts[:2] == ["transformer", "resblocks"]:
+            return int(parts[2]) < first_frozen
+        return True
+
+    return norm_parameters(visual, keep)
+
+
 class NormAdaptation(Method):
     """Base of the batch methods that tune the image encoder's normalisation parameters.
 
