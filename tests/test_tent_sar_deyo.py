@@ -17,9 +17,9 @@ from vlmtta.methods.sar import sam_perturbation
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
 
 
-def direct(backbone, method, images: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
+def direct_features(backbone, method, images: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
     """A private copy of the image tower with ``params`` (default: the method's originals) as leaf tensors,
-    and its CLIP logits on ``images``: the formulation the methods must match."""
+    and its L2-normalised features of ``images``: the formulation the methods must match."""
     visual = copy.deepcopy(backbone.model.visual)
     leaves = {}
     for name, p in visual.named_parameters():
@@ -28,9 +28,13 @@ def direct(backbone, method, images: torch.Tensor, params: dict[str, torch.Tenso
             with torch.no_grad():
                 p.copy_((params or method.original)[name])
             leaves[name] = p
-    features = F.normalize(visual(images), dim=-1)
-    logits = backbone.logit_scale * features @ method.context.text_features.t()
-    return logits, leaves
+    return F.normalize(visual(images), dim=-1), leaves
+
+
+def direct(backbone, method, images: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
+    """CLIP logits of ``direct_features`` against the method's class text features, and the leaves."""
+    features, leaves = direct_features(backbone, method, images, params)
+    return backbone.logit_scale * features @ method.context.text_features.t(), leaves
 
 
 def sgd_first_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lr: float) -> dict:

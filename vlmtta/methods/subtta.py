@@ -33,6 +33,7 @@ __all__ = [
     "SubTTA",
     "batclip_loss",
     "chordal_distance_sq",
+    "class_means",
     "covariance",
     "mint_loss",
     "project",
@@ -74,7 +75,8 @@ def project(features: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return features @ basis.t() @ basis
 
 # ---- plug-in losses ------------------------------------------------------------------------------
-def _class_means(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def class_means(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean feature [K, D] of each label present (in ``labels.unique()`` order) and each sample's row in it [N]."""
     present, inverse = labels.unique(return_inverse=True)
     onehot = F.one_hot(inverse, present.numel()).to(features.dtype)  # [N, K]
     return onehot.t() @ features / onehot.sum(dim=0)[:, None], inverse
@@ -84,7 +86,7 @@ def mint_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     (a constant 0, so no step, for fewer than 2 samples or pseudo-classes)."""
     if features.shape[0] < 2 or labels.unique().numel() < 2:
         return features.new_zeros(())
-    means, inverse = _class_means(features, labels)
+    means, inverse = class_means(features, labels)
     intra = (features - means[inverse]).pow(2).sum(dim=1).mean()
     total = (features - features.mean(dim=0)).pow(2).sum(dim=1).mean()
     return intra - total
@@ -93,7 +95,7 @@ def batclip_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """BATCLIP: mean pairwise cosine between the normalised pseudo-class means (constant 0 for < 2 classes)."""
     if labels.unique().numel() < 2:
         return features.new_zeros(())
-    means = F.normalize(_class_means(features, labels)[0], dim=-1)
+    means = F.normalize(class_means(features, labels)[0], dim=-1)
     upper = torch.triu_indices(means.shape[0], means.shape[0], offset=1, device=means.device)
     return (means @ means.t())[upper[0], upper[1]].mean()
 
