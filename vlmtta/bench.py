@@ -12,6 +12,9 @@
   every ``checkpoint_every`` images and continue from there; online streams restart from the first
   image, because their state (caches, memories) is not checkpointed; encoding work is never lost
   either way since view features are cached row by row.  Results are written atomically at the end.
+* Batch methods (those with ``predict_batch``: SubTTA, Tent, SAR, DeYO, BATCLIP, WATT, CLIPArTT) take the
+  stream ``batch_size`` images at a time (original views only), as their papers do; the result records
+  the batch size and the method's reset policy (a dataset stream is one domain: reset at its start).
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ class BenchSpec:
     progress: bool = True
     force: bool = False  # recompute finished results
     precision: str = "auto"  # features files: CLIP logits in the file's dtype ("auto"), or "fp32" / "fp16"
+    batch_size: int = 64  # methods with a batch protocol (SubTTA, Tent, SAR, ...) adapt on this many images at once
 
 
 PRECISIONS = ("auto", "fp32", "fp16")
@@ -187,6 +191,12 @@ class _Source:
                           **options)
         return adapter, origin
 
+    def batch_predictor(self, adapter: Adapter) -> Callable[[list[int]], torch.Tensor]:
+        """``predict(rows) -> probabilities [len(rows), C]``: one adaptation step on those images (batch methods)."""
+        if self.file is not None:
+            raise ValueError(f"{adapter.method.name} adapts on images; it cannot run on a features file.")
+        return lambda rows: adapter.adapt_batch(adapter.original_views(self.split.paths[i] for i in rows))
+
     def predictor(self, adapter: Adapter) -> tuple[Callable[[int], torch.Tensor], dict[str, Any]]:
         """``predict(i) -> probabilities [C]`` for the stream, and facts about the views."""
         method = adapter.method
@@ -237,6 +247,9 @@ def _run_method(spec: BenchSpec, source: _Source, method: str, order: str, strea
                 "n_classes": len(source.classnames), "templates_from": templates_from, "order": order,
                 "limit": spec.limit, "labels_used_for": "metric only" + (" and the grouped order" if order == "grouped"
                                                                          else "")}
+    if is_batch_method(adapter):
+        protocol.update(batch_size=spec.batch_size, views="original view only",
+                        reset_policy=getattr(adapter.method, "reset_policy", "domain"), reset_at="start of the stream")
     key = cache_key(protocol)[:32]
     model, pretrained = ((adapter.backbone.model_name, adapter.backbone.pretrained) if adapter.backbone is not None
                          else ("precomputed", source.file.path.name))
@@ -247,7 +260,11 @@ def _run_method(spec: BenchSpec, source: _Source, method: str, order: str, strea
             return existing
         raise ValueError(f"{path} holds a result of {method} on {source.name} with other settings; pass --tag NAME to "
                          "keep both, or --force to overwrite it.")
-    predict, view_facts = source.predictor(adapter)
+    if is_batch_method(adapter):
+        predict, view_facts = source.batch_predictor(adapter), {"views_from": "images (original view, batched)"}
+    else:
+        single, view_facts = source.predictor(adapter)
+        predict = lambda rows: single(rows[0])[None]  # noqa: E731
     outcome = _stream(spec, adapter, predict, stream, source.labels, path, key, fail_after)
     result = {"dataset": source.name, "method": method, "tag": spec.tag, "model": model, "pretrained": pretrained,
               "seed": spec.seed, **outcome, "protocol": {**protocol, **view_facts}, "config_key": key,
@@ -257,16 +274,23 @@ def _run_method(spec: BenchSpec, source: _Source, method: str, order: str, strea
     return result
 
 
+def is_batch_method(adapter: Adapter) -> bool:
+    """Whether the adapter's method has a batch protocol (``predict_batch``) and runs on images."""
+    return hasattr(adapter.method, "predict_batch") and adapter.backbone is not None
+
+
 def _checkpoint_path(result_path: Path) -> Path:
     return result_path.parent / ".partial" / (result_path.stem + ".ckpt")
 
 
-def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[int], torch.Tensor], stream: list[int],
+def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[list[int]], torch.Tensor], stream: list[int],
             labels: list[int], path: Path, key: str, fail_after: int | None) -> dict[str, Any]:
-    """Feed the stream (resuming an episodic one from its checkpoint) and score it."""
+    """Feed the stream (one image, or ``batch_size`` for batch methods, per step; an episodic stream resumes from
+    its checkpoint) and score it.  Latency is per image (a batch's time divided by its size)."""
     from tqdm.auto import tqdm
 
     episodic, ckpt_path = adapter.method.episodic, _checkpoint_path(path)
+    step = max(1, int(spec.batch_size)) if is_batch_method(adapter) else 1
     state = read_json(ckpt_path) if episodic else None
     if not state or state.get("config_key") != key:
         state = {"config_key": key, "predictions": [], "latency_ms": [], "wall_s": 0.0}
@@ -276,18 +300,20 @@ def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[int], torch.Te
     bar = tqdm(total=len(stream), initial=resumed_from, desc=f"{adapter.method.name} {path.name.split('__')[0]}",
                unit="img", disable=not spec.progress)
     try:
-        for pos in range(resumed_from, len(stream)):
+        for pos in range(resumed_from, len(stream), step):
+            rows = stream[pos:pos + step]
             tick = time.perf_counter()
-            prediction = int(predict(stream[pos]).argmax())
-            state["latency_ms"].append(1000 * (time.perf_counter() - tick))
-            state["predictions"].append(prediction)
-            correct += int(prediction == labels[stream[pos]])  # labels: metric only
-            bar.update(1)
-            if (pos + 1) % 50 == 0 or pos + 1 == len(stream):
-                bar.set_postfix(acc=f"{100 * correct / (pos + 1):.2f}%", refresh=False)
-            if episodic and (pos + 1) % spec.checkpoint_every == 0:
+            predictions = predict(rows).argmax(dim=-1).tolist()
+            state["latency_ms"].extend([1000 * (time.perf_counter() - tick) / len(rows)] * len(rows))
+            state["predictions"].extend(predictions)
+            correct += sum(int(p == labels[i]) for p, i in zip(predictions, rows))  # labels: metric only
+            bar.update(len(rows))
+            done = pos + len(rows)
+            if done % 50 < len(rows) or done == len(stream):
+                bar.set_postfix(acc=f"{100 * correct / done:.2f}%", refresh=False)
+            if episodic and done % spec.checkpoint_every < len(rows):
                 write_json(ckpt_path, {**state, "wall_s": state["wall_s"] + time.perf_counter() - start})
-            if fail_after is not None and pos + 1 - resumed_from >= fail_after:
+            if fail_after is not None and done - resumed_from >= fail_after:
                 raise InjectedFailure(f"injected failure after {fail_after} images ({FAIL_ENV} / fail_after)")
     finally:
         bar.close()

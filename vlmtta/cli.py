@@ -118,6 +118,9 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--cache-dir", default=None, help="view-feature cache (default: $VLMTTA_CACHE or ~/.cache/vlmtta)")
     bench.add_argument("--tag", default="", help="suffix that keeps runs with other settings apart")
     bench.add_argument("--limit", type=int, default=None, help="only the first N images of each stream")
+    bench.add_argument("--batch-size", type=int, default=64,
+                       help="images per adaptation step of batch methods (subtta, tent, sar, deyo, batclip, watt, "
+                            "clipartt; default: %(default)s, as their papers); other methods take one image at a time")
     bench.add_argument("--checkpoint-every", type=int, default=500)
     bench.add_argument("--workers", type=int, default=2, help="image-loading threads")
     bench.add_argument("--force", action="store_true", help="recompute finished results")
@@ -175,7 +178,8 @@ def _bench_testbed(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     progress = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
-    result = run_suite(methods, args.severity, args.n_per_corruption, args.seed, device=args.device, progress=progress)
+    result = run_suite(methods, args.severity, args.n_per_corruption, args.seed, device=args.device, progress=progress,
+                       batch_size=args.batch_size)
     print(format_table(result, {"md": "markdown", "csv": "csv"}.get(args.table, "text")))
     out = Path(args.results) / f"testbed_sev{args.severity}_n{args.n_per_corruption}_seed{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -277,7 +281,7 @@ def _bench(args: argparse.Namespace) -> int:
                   templates=args.templates, seed=args.seed, order=args.order, options=dict(args.options),
                   augmentation=args.augmentation, cache_dir=args.cache_dir, tag=args.tag, limit=args.limit,
                   checkpoint_every=args.checkpoint_every, workers=args.workers, progress=not args.no_progress,
-                  force=args.force, precision=args.precision)
+                  force=args.force, precision=args.precision, batch_size=args.batch_size)
     if args.features:
         sources = [dict(features=Path(args.features), dataset=args.datasets)]
     else:

@@ -4,7 +4,9 @@ Each (method, corruption) cell is the top-1 accuracy (%) of ``vlmtta.Adapter(CLA
 backbone=<vlmtta-testbed>, seed=seed)`` fed a fixed, seeded subset of the test split, corrupted at
 ``severity`` and streamed in ``order``.  Methods that run on view features share the encoded views:
 each image's views are made (``vlmtta.views.make_views``, the seed ``Adapter.step`` would use) and
-encoded once per view configuration, then reused by every such method.  Labels are read by the
+encoded once per view configuration, then reused by every such method.  Batch methods (SubTTA, Tent,
+SAR, DeYO, BATCLIP, WATT, CLIPArTT) take the stream ``batch_size`` original views at a time (their
+papers' protocol) and are reset at the start of each corruption's stream (one domain).  Labels are read by the
 metric only (and, for the ``dirichlet`` order, to build the correlated order, as published
 protocols do).
 """
@@ -85,10 +87,20 @@ class ViewFeatures:
         return self._cache[config]
 
 
-def evaluate(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor, views: ViewFeatures | None = None) -> float:
-    """Top-1 accuracy (%) of ``adapter`` on a stream, using shared view features when it can."""
+def batch_predictions(adapter: Adapter, images: torch.Tensor, batch_size: int) -> list[int]:
+    """Predictions of a batch method fed ``images`` (uint8 [N, 3, H, W]) ``batch_size`` at a time, in order."""
+    return [int(i) for start in range(0, len(images), batch_size)
+            for i in adapter.adapt_batch(adapter.original_views(images[start:start + batch_size])).argmax(dim=-1)]
+
+
+def evaluate(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor, views: ViewFeatures | None = None,
+             batch_size: int | None = 64) -> float:
+    """Top-1 accuracy (%) of ``adapter`` on a stream, using shared view features when it can; batch methods take
+    ``batch_size`` images per step (``None``: one image's views per step, their streaming mode)."""
     adapter.reset()
-    if views is not None and Need.VIEW_FEATURES in adapter.method.needs:
+    if batch_size and hasattr(adapter.method, "predict_batch"):
+        predictions = batch_predictions(adapter, images, batch_size)
+    elif views is not None and Need.VIEW_FEATURES in adapter.method.needs:
         predictions = [int(adapter.adapt_features(f).argmax()) for f in views.get(adapter.view_config)]
     else:
         predictions = [adapter.step(image).index for image in images]
@@ -98,7 +110,8 @@ def evaluate(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor, views
 def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_corruption: int | None = DEFAULT_N,
               seed: int = 0, corruptions: Iterable[str] | None = None, order: str = "iid",
               options: dict[str, dict[str, Any]] | None = None, backbone: FrozenCLIP | None = None,
-              device: str = "auto", progress: Callable[[str], None] | None = None) -> SuiteResult:
+              device: str = "auto", progress: Callable[[str], None] | None = None,
+              batch_size: int | None = 64) -> SuiteResult:
     """Run ``methods`` (default: every registered one) on every corruption; see the module docstring.
 
     Args:
@@ -109,6 +122,7 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
         options: per-method hyperparameters, e.g. ``{"tpt": {"n_views": 16}}``.
         backbone: a ``FrozenCLIP`` (default: ``load_backbone("vlmtta-testbed", device=device)``).
         progress: called with a line after every cell.
+        batch_size: images per adaptation step of batch methods (``None``: per image, on its views).
     """
     methods = list(methods or method_names())
     corruptions = list(corruptions or C.corruption_names())
@@ -119,14 +133,14 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
     adapters, errors = _adapters(methods, backbone, seed, options or {})
     images, labels = subset(n_per_corruption, seed)
     result = SuiteResult({name: {} for name in adapters}, errors, {name: 0.0 for name in adapters},
-                         _protocol(adapters, severity, len(labels), seed, order, backbone))
+                         _protocol(adapters, severity, len(labels), seed, order, backbone, batch_size))
     for corruption in corruptions:
         stream, truth = corrupted_stream(images, labels, corruption, severity, seed, order)
         views = ViewFeatures(backbone, stream, seed)
         for name, adapter in list(adapters.items()):
             start = time.perf_counter()
             try:
-                result.accuracy[name][corruption] = evaluate(adapter, stream, truth, views)
+                result.accuracy[name][corruption] = evaluate(adapter, stream, truth, views, batch_size)
             except _CANNOT_RUN as error:  # e.g. a method whose extra model is not available offline
                 result.errors[name] = f"{type(error).__name__}: {error}"
                 del adapters[name], result.accuracy[name], result.seconds[name]
@@ -150,10 +164,13 @@ def _adapters(methods: list[str], backbone: FrozenCLIP, seed: int,
 
 
 def _protocol(adapters: dict[str, Adapter], severity: int, n: int, seed: int, order: str,
-              backbone: FrozenCLIP) -> dict[str, Any]:
+              backbone: FrozenCLIP, batch_size: int | None = None) -> dict[str, Any]:
+    methods = {name: adapter.protocol() for name, adapter in adapters.items()}
+    for name, adapter in adapters.items():
+        if batch_size and hasattr(adapter.method, "predict_batch"):
+            methods[name].update(batch_size=batch_size, views="original view only", reset_at="start of each corruption")
     return {"backbone": backbone.describe(), "dataset": "fashion-mnist test", "images_per_corruption": n,
-            "severity": severity, "seed": seed, "order": order,
-            "methods": {name: adapter.protocol() for name, adapter in adapters.items()}}
+            "severity": severity, "seed": seed, "order": order, "methods": methods}
 
 
 def format_table(result: SuiteResult, fmt: str = "text") -> str:
@@ -201,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("-n", "--n-per-corruption", type=int, default=DEFAULT_N)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--order", default="iid", choices=["iid", "dirichlet"])
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step of batch methods")
     parser.add_argument("--severities", action="store_true", help="zero-shot accuracy at every severity instead")
     parser.add_argument("--format", default="text", choices=["text", "markdown", "csv"])
     args = parser.parse_args(argv)
@@ -209,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         methods = args.methods.split(",") if args.methods else None
         result = run_suite(methods, args.severity, args.n_per_corruption, args.seed, order=args.order,
-                           progress=lambda line: print(line, flush=True))
+                           progress=lambda line: print(line, flush=True), batch_size=args.batch_size)
     print(format_table(result, args.format))
 
 
