@@ -174,3 +174,29 @@ def test_real_imagenet_stream_zeroshot(tmp_path):
         direct = int(((100 * image @ text.T).argmax(1) == data["labels"]).sum())
         assert result["n"] == 6997 and result["correct"] == direct == expected
         assert result["protocol"]["logits_dtype"] == str(dtype).replace("torch.", "")
+
+
+def test_batch_methods_take_the_stream_in_batches(tree, tiny_model_dir):
+    from vlmtta.methods.tent import Tent
+
+    seen = []
+
+    @register
+    class _Recorder(Tent):
+        name = "test_batch_recorder"
+
+        def predict_batch(self, images):
+            seen.append(images.shape[0])
+            return super().predict_batch(images)
+
+    result = run_bench(_spec(tree, tiny_model_dir, ["test_batch_recorder"], batch_size=5))[0]
+    assert seen == [5, 5, 2] and result["n"] == 12
+    protocol = result["protocol"]
+    assert protocol["batch_size"] == 5 and protocol["reset_policy"] == "domain"
+    assert protocol["protocol"] == "batch (reset: domain)" and protocol["hyperparameters"]["reset"] == "domain"
+    assert protocol["views_from"] == "images (original view, batched)"
+    seen.clear()
+    other = run_bench(_spec(tree, tiny_model_dir, ["test_batch_recorder"], batch_size=12, tag="b12"))[0]
+    assert seen == [12] and other["config_key"] != result["config_key"]
+    with pytest.raises(SystemExit):
+        main(["bench", "--batch-size", "x"])
