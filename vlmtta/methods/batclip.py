@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..entropy import shannon_entropy
 from ..norms import TrainableNorms, norm_parameters
+from ..prompts import resolve_templates
 from ..text import encode_tokens
 from .base import register
 from .batch import NormAdaptation
@@ -75,7 +76,8 @@ class BATCLIP(NormAdaptation):
 
     def bind(self, context) -> None:
         backbone = context.require_backbone(self.name)
-        texts = [t.replace("{}", name) for name in context.classnames for t in context.templates]
+        templates = context.templates or resolve_templates(None)  # contexts built from features carry none
+        texts = [t.replace("{}", name) for name in context.classnames for t in templates]
         self.tokens = backbone.tokenize(texts)
         super().bind(context)
 
