@@ -182,3 +182,7 @@ def test_reset_policy_batch_forgets_between_batches(tiny_backbone):
         assert method.hyperparameters()["reset"] == policy
     with pytest.raises(ValueError, match="reset"):
         bound_method("tent", tiny_backbone, CLASSES, reset="sometimes")
+    from vlmtta.methods import list_methods
+
+    batch = {m["name"] for m in list_methods() if m["protocol"] == "batch"}
+    assert {"subtta", "tent", "sar", "deyo", "batclip", "clipartt", "watt"} <= batch

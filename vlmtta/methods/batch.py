@@ -66,6 +66,10 @@ class NormAdaptation(Method):
     def protocol(self) -> str:
         return f"batch (reset: {self.reset_policy})"
 
+    @classmethod
+    def info(cls) -> dict[str, Any]:
+        return {**super().info(), "protocol": "batch"}
+
     def hyperparameters(self) -> dict[str, Any]:
         return {name: (self.reset_policy if name == "reset" else getattr(self, name)) for name in self.defaults()}
 
