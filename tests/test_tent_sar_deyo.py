@@ -60,9 +60,10 @@ def test_tent_matches_direct_entropy_and_sgd_step(tiny_backbone):
 
 def test_every_method_resets_bit_exactly_and_leaves_backbone_alone(tiny_backbone):
     snapshot = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
-    for name, options in (("tent", {}), ("sar", {"margin": 10.0}), ("deyo", {"entropy_threshold": 10.0,
-                                                                             "plpd_threshold": -2.0})):
-        method = bound_method(name, tiny_backbone, CLASSES, lr=0.05, **options)
+    for name, options in (("tent", {}), ("sar", {"margin": 10.0}),
+                          ("deyo", {"entropy_threshold": 10.0, "plpd_threshold": -2.0}), ("batclip", {}),
+                          ("clipartt", {"steps": 1}), ("watt", {"steps": 1, "repeats": 1, "template_set": "photo"})):
+        method = bound_method(name, tiny_backbone, CLASSES, lr=0.05, reset="domain", **options)
         first = method.predict_batch(random_images(8))
         method.predict_batch(random_images(8, 1))
         assert method.norms.changed(), name
