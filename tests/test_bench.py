@@ -196,7 +196,10 @@ def test_batch_methods_take_the_stream_in_batches(tree, tiny_model_dir):
     assert protocol["protocol"] == "batch (reset: domain)" and protocol["hyperparameters"]["reset"] == "domain"
     assert protocol["views_from"] == "images (original view, batched)"
     seen.clear()
-    other = run_bench(_spec(tree, tiny_model_dir, ["test_batch_recorder"], batch_size=12, tag="b12"))[0]
-    assert seen == [12] and other["config_key"] != result["config_key"]
-    with pytest.raises(SystemExit):
-        main(["bench", "--batch-size", "x"])
+    assert main(["bench", "--root", str(tree / "data"), "--datasets", "eurosat", "--methods", "test_batch_recorder",
+                 "--model", tiny_model_dir, "--pretrained", "none", "--device", "cpu", "--results",
+                 str(tree / "results"), "--cache-dir", str(tree / "cache"), "--no-progress", "--batch-size", "12",
+                 "--tag", "b12", "-o", "reset=continual"]) == 0
+    assert seen == [12]
+    other = json.loads(next((tree / "results").glob("eurosat__test-batch-recorder+b12__*.json")).read_text())
+    assert other["protocol"]["batch_size"] == 12 and other["protocol"]["reset_policy"] == "continual"
