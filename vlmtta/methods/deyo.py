@@ -114,7 +114,7 @@ class DeYO(NormAdaptation):
         self.last = {"after_entropy": int(keep.sum()), "after_plpd": 0, "step": False}
         if not keep.any():
             return probs
-        destroyed = patch_shuffle(images[keep].to(logits.device), self.patch_grid, self.generator)
+        destroyed = patch_shuffle(images.to(logits.device)[keep], self.patch_grid, self.generator)
         with torch.no_grad():
             probs_destroyed = self.logits(F.normalize(self.encode(destroyed), dim=-1)).softmax(dim=-1)
         difference = plpd(probs[keep], probs_destroyed)
