@@ -20,7 +20,7 @@ step tests "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_v
 step speed "$py" -m vlmtta bench-speed --device cuda --n-views 64 --n-classes 1000 --repeats 20 --warmup 3 \
     --methods zeroshot,sts,sts_ensemble,zero,mta,te,adte,tpt,ctpt --output "$out/speed_cuda.json"
 step tca "$py" scripts/bench_tca.py --device cuda --repeats 20 --output "$out/tca_cuda.json"
-step subtta "$py" scripts/bench_subtta.py --device cuda --batch 64 --n-views 64 --output "$out/subtta_cuda.json"
+step batch "$py" scripts/bench_batch.py --device cuda --batch 64 --n-views 64 --output "$out/batch_cuda.json"
 step tpt "$py" scripts/bench_tpt.py --device cuda --methods tpt,ctpt --classes 1000,200,37 --n-views 64 \
     --repeats 5 --difftpt --generation --output "$out/tpt_cuda.json"
 exit "$failures"

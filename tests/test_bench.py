@@ -175,3 +175,32 @@ def test_results_carry_metrics_memory_and_a_per_sample_file(tree, tiny_model_dir
     assert compute_metrics(samples)["top1"] == result["accuracy"] == result["metrics"]["top1"]
     assert set(result["metrics"]) == set(METRICS) and result["memory"]["peak_mb"] >= 0
     assert sorted(samples.stream_index.tolist()) == list(range(12))  # every test image once, in stream order
+
+
+def test_batch_methods_take_the_stream_in_batches(tree, tiny_model_dir):
+    from vlmtta.methods.tent import Tent
+
+    seen = []
+
+    @register
+    class _Recorder(Tent):
+        name = "test_batch_recorder"
+
+        def predict_batch(self, images):
+            seen.append(images.shape[0])
+            return super().predict_batch(images)
+
+    result = run_bench(_spec(tree, tiny_model_dir, ["test_batch_recorder"], batch_size=5))[0]
+    assert seen == [5, 5, 2] and result["n"] == 12
+    protocol = result["protocol"]
+    assert protocol["batch_size"] == 5 and protocol["reset_policy"] == "domain"
+    assert protocol["protocol"] == "batch (reset: domain)" and protocol["hyperparameters"]["reset"] == "domain"
+    assert protocol["views_from"] == "images (original view, batched)"
+    seen.clear()
+    assert main(["bench", "--root", str(tree / "data"), "--datasets", "eurosat", "--methods", "test_batch_recorder",
+                 "--model", tiny_model_dir, "--pretrained", "none", "--device", "cpu", "--results",
+                 str(tree / "results"), "--cache-dir", str(tree / "cache"), "--no-progress", "--batch-size", "12",
+                 "--tag", "b12", "-o", "reset=continual"]) == 0
+    assert seen == [12]
+    other = json.loads(next((tree / "results").glob("eurosat__test-batch-recorder+b12__*.json")).read_text())
+    assert other["protocol"]["batch_size"] == 12 and other["protocol"]["reset_policy"] == "continual"

@@ -97,7 +97,7 @@ def test_streaming_mode_and_source_loss(tiny_backbone):
 
 
 def test_options():
-    assert st.SubTTA.info()["protocol"] == "online"
+    assert st.SubTTA.info()["protocol"] == "batch"
     assert st.SubTTA.defaults()["loss"] == "mint" and st.SubTTA.defaults()["lr"] == 5e-4
     with pytest.raises(ValueError, match="loss"):
         st.SubTTA(loss="foo")

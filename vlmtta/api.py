@@ -130,22 +130,30 @@ class Adapter:
             return self._adapt(lambda: self.method.predict_views(views))
 
     def step_batch(self, images: Iterable[ImageInput]) -> list[Prediction]:
-        """Adapt on a batch of test images at once: the batch protocol of methods that have one (SubTTA).
+        """Adapt on a batch of test images at once: the batch protocol of methods that have one (SubTTA, Tent,
+        SAR, DeYO, BATCLIP, WATT, CLIPArTT).  Each image enters as its original view only; ``elapsed_s`` is the
+        batch time per image."""
+        start = time.perf_counter()
+        probs = self.adapt_batch(self.original_views(images))
+        elapsed = (time.perf_counter() - start) / max(1, len(probs))
+        return [self._prediction(row, elapsed) for row in probs]
 
-        Each image enters as its original view only; ``elapsed_s`` is the batch time per image.
-        """
-        if not hasattr(self.method, "predict_batch"):
-            raise ValueError(f"Method {self.method.name!r} has no batch protocol; call step() per image.")
+    def original_views(self, images: Iterable[ImageInput]) -> torch.Tensor:
+        """The unaugmented preprocessed views [B, 3, S, S] of ``images``, on the model's device."""
         if self.backbone is None:
             raise ValueError("step_batch needs images and a backbone; this adapter runs on precomputed features.")
-        start, config = time.perf_counter(), self.view_config
-        pixels = [load_image(image, self.max_pixels).to(self.backbone.device) for image in images]
-        batch = torch.cat([original_view(image, config.image_size, config.mean, config.std) for image in pixels])
+        config = self.view_config
+        return torch.cat([original_view(load_image(image, self.max_pixels).to(self.backbone.device), config.image_size,
+                                        config.mean, config.std) for image in images])
+
+    def adapt_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [B, C] (CPU) of a batch of preprocessed images [B, 3, S, S], adapting on it."""
+        if not hasattr(self.method, "predict_batch"):
+            raise ValueError(f"Method {self.method.name!r} has no batch protocol; call step() per image.")
         with self._lock:
             probs = self.method.predict_batch(batch).detach().float().cpu()
             self.steps += len(probs)
-        elapsed = (time.perf_counter() - start) / max(1, len(probs))
-        return [self._prediction(row, elapsed) for row in probs]
+        return probs
 
     def step_features(self, features: torch.Tensor) -> Prediction:
         """Adapt on one image given the L2-normalised features [N, D] of its views (view 0 = original)."""

@@ -15,6 +15,9 @@
   every ``checkpoint_every`` images and continue from there; online streams restart from the first
   image, because their state (caches, memories) is not checkpointed; encoding work is never lost
   either way since view features are cached row by row.  Results are written atomically at the end.
+* Batch methods (those with ``predict_batch``: SubTTA, Tent, SAR, DeYO, BATCLIP, WATT, CLIPArTT) take the
+  stream ``batch_size`` images at a time (original views only), as their papers do; the result records
+  the batch size and the method's reset policy (a dataset stream is one domain: reset at its start).
 """
 from __future__ import annotations
 
@@ -85,6 +88,7 @@ class BenchSpec:
     progress: bool = True
     force: bool = False  # recompute finished results
     precision: str = "auto"  # features files: CLIP logits in the file's dtype ("auto"), or "fp32" / "fp16"
+    batch_size: int = 64  # methods with a batch protocol (SubTTA, Tent, SAR, ...) adapt on this many images at once
 
 
 PRECISIONS = ("auto", "fp32", "fp16")
@@ -184,6 +188,12 @@ class _Source:
         adapter = Adapter(self.classnames, method, backbone=self.backbone, templates=templates, seed=self.spec.seed,
                           **options)
         return adapter, origin
+
+    def batch_predictor(self, adapter: Adapter) -> Callable[[list[int]], torch.Tensor]:
+        """``predict(rows) -> probabilities [len(rows), C]``: one adaptation step on those images (batch methods)."""
+        if self.file is not None:
+            raise ValueError(f"{adapter.method.name} adapts on images; it cannot run on a features file.")
+        return lambda rows: adapter.adapt_batch(adapter.original_views(self.split.image(i) for i in rows))
 
     def predictor(self, adapter: Adapter) -> tuple[Callable[[int], torch.Tensor], dict[str, Any]]:
         """``predict(i) -> probabilities [C]`` for the stream, and facts about the views."""
@@ -286,6 +296,10 @@ def _prepare(spec: BenchSpec, source: _Source, method: str, order: StreamOrder, 
                 "n_classes": len(source.classnames), "templates_from": templates_from, "order": str(order),
                 "stream": facts, "limit": spec.limit,
                 "labels_used_for": "metric only" + (f" and the {order.kind} order" if order.uses_labels else "")}
+    if is_batch_method(adapter):
+        protocol.update(batch_size=spec.batch_size, views="original view only",
+                        reset_policy=getattr(adapter.method, "reset_policy", "domain"),
+                        reset_at="start of each domain" if continual else "start of the stream")
     model, pretrained = ((adapter.backbone.model_name, adapter.backbone.pretrained) if adapter.backbone is not None
                          else ("precomputed", source.file.path.name))
     tag = "+".join(filter(None, (f"continual-{continual['reset_between']}" if continual else "", spec.tag)))
@@ -301,7 +315,11 @@ def _run_method(spec: BenchSpec, source: _Source, method: str, order: StreamOrde
     existing = None if spec.force else run.finished()
     if existing is not None and not rerun_finished:
         return existing
-    predict, view_facts = source.predictor(run.adapter)
+    if is_batch_method(run.adapter):
+        predict, view_facts = source.batch_predictor(run.adapter), {"views_from": "images (original view, batched)"}
+    else:
+        single, view_facts = source.predictor(run.adapter)
+        predict = lambda rows: single(rows[0])[None]  # noqa: E731
     device = run.adapter.backbone.device if run.adapter.backbone is not None else torch.device("cpu")
     with peak_memory(device) as memory:
         outcome, samples = _stream(spec, run.adapter, predict, stream, source.labels, run.path, run.key, fail_after,
@@ -353,6 +371,11 @@ def _warn(message: str) -> None:
     print(f"vlmtta: warning: {message}", file=sys.stderr)
 
 
+def is_batch_method(adapter: Adapter) -> bool:
+    """Whether the adapter's method has a batch protocol (``predict_batch``) and runs on images."""
+    return hasattr(adapter.method, "predict_batch") and adapter.backbone is not None
+
+
 def _checkpoint_path(result_path: Path) -> Path:
     return result_path.parent / ".partial" / (result_path.stem + ".ckpt.npz")
 
@@ -369,10 +392,11 @@ def _resume(ckpt_path: Path, key: str) -> tuple[Samples | None, float]:
     return (samples, float(meta.get("wall_s", 0.0))) if meta.get("config_key") == key else (None, 0.0)
 
 
-def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[int], torch.Tensor], stream: list[int],
+def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[list[int]], torch.Tensor], stream: list[int],
             labels: list[int], path: Path, key: str, fail_after: int | None,
             reset: bool = True) -> tuple[dict[str, Any], Samples]:
-    """Feed the stream (resuming an episodic one from its checkpoint); its timing and per-sample record.
+    """Feed the stream (one image, or ``batch_size`` for batch methods, per step; an episodic stream resumes from
+    its checkpoint); its timing and per-sample record.  Latency is per image (a batch's time divided by its size).
     ``reset``: start from a fresh adapter state (a continual run keeps the state of the previous domain)."""
     from tqdm.auto import tqdm
 
@@ -380,26 +404,30 @@ def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[int], torch.Te
     done, wall_s = _resume(ckpt_path, key) if episodic else (None, 0.0)
     recorder = Recorder(start=done)
     resumed_from, start = len(recorder), time.perf_counter()
+    step = max(1, int(spec.batch_size)) if is_batch_method(adapter) else 1
     if reset:
         adapter.reset()
     correct = int(done.correct.sum()) if done is not None else 0
     bar = tqdm(total=len(stream), initial=resumed_from, desc=f"{adapter.method.name} {path.name.split('__')[0]}",
                unit="img", disable=not spec.progress)
     try:
-        for pos in range(resumed_from, len(stream)):
+        for pos in range(resumed_from, len(stream), step):
+            rows = stream[pos:pos + step]
             tick = time.perf_counter()
-            probs = predict(stream[pos])
-            latency = 1000 * (time.perf_counter() - tick)
-            label = labels[stream[pos]]  # labels: metric only
-            recorder.add(probs, label, latency, stream[pos])
-            correct += int(int(probs.argmax()) == label)
-            bar.update(1)
-            if (pos + 1) % 50 == 0 or pos + 1 == len(stream):
-                bar.set_postfix(acc=f"{100 * correct / (pos + 1):.2f}%", refresh=False)
-            if episodic and (pos + 1) % spec.checkpoint_every == 0:
+            probs = predict(rows)
+            latency = 1000 * (time.perf_counter() - tick) / len(rows)
+            for index, row in zip(rows, probs):
+                label = labels[index]  # labels: metric only
+                recorder.add(row, label, latency, index)
+                correct += int(int(row.argmax()) == label)
+            bar.update(len(rows))
+            done = pos + len(rows)
+            if done % 50 < len(rows) or done == len(stream):
+                bar.set_postfix(acc=f"{100 * correct / done:.2f}%", refresh=False)
+            if episodic and done % spec.checkpoint_every < len(rows):
                 recorder.samples().save(ckpt_path, meta={"config_key": key,
                                                          "wall_s": wall_s + time.perf_counter() - start})
-            if fail_after is not None and pos + 1 - resumed_from >= fail_after:
+            if fail_after is not None and done - resumed_from >= fail_after:
                 raise InjectedFailure(f"injected failure after {fail_after} images ({FAIL_ENV} / fail_after)")
     finally:
         bar.close()

@@ -161,6 +161,9 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--cache-dir", default=None, help="view-feature cache (default: $VLMTTA_CACHE or ~/.cache/vlmtta)")
     bench.add_argument("--tag", default="", help="suffix that keeps runs with other settings apart")
     bench.add_argument("--limit", type=_count(), default=None, help="only the first N images of each stream")
+    bench.add_argument("--batch-size", type=_count(), default=64,
+                       help="images per adaptation step of batch methods (subtta, tent, sar, deyo, batclip, watt, "
+                            "clipartt; default: %(default)s, as their papers); other methods take one image at a time")
     bench.add_argument("--checkpoint-every", type=_count(), default=500)
     bench.add_argument("--workers", type=_count(), default=2, help="image-loading threads")
     bench.add_argument("--force", action="store_true", help="recompute finished results")
@@ -270,7 +273,7 @@ def _bench_testbed(args: argparse.Namespace) -> int:
     progress = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
     severity = _one_severity(args.severity)
     result = run_suite(methods, severity, args.n_per_corruption, args.seed, order=order, options=options,
-                       backbone=backbone, device=args.device, progress=progress)
+                       backbone=backbone, device=args.device, progress=progress, batch_size=args.batch_size)
     folder = Path(args.results) / "testbed"
     save_suite(result, folder, options)
     print(format_table(result, {"md": "markdown", "csv": "csv"}.get(args.table, "text")))
@@ -393,7 +396,8 @@ def _bench(args: argparse.Namespace) -> int:
                   templates=args.templates, seed=args.seed, order=args.order, options=dict(args.options),
                   augmentation=args.augmentation, cache_dir=args.cache_dir, tag=args.tag, limit=args.limit,
                   checkpoint_every=args.checkpoint_every, workers=args.workers, progress=not args.no_progress,
-                  force=args.force, precision=args.precision, reset_between=args.reset_between or "never")
+                  force=args.force, precision=args.precision, reset_between=args.reset_between or "never",
+                  batch_size=args.batch_size)
     if args.features:
         if args.continual:
             raise ValueError("--continual streams datasets (--root, --datasets), not a features file.")

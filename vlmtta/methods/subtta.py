@@ -16,35 +16,32 @@ Per batch of test images:
    intra-class minus total variance; ``tent``; ``batclip``; ``source`` = none);
 6. output: the ordinary CLIP logits of the batch re-encoded after both updates (official code).
 
-The shared backbone is never written to: the adapted norm parameters are this method's own tensors,
-substituted with ``torch.func.functional_call``; ``reset()`` copies the originals back (bit-exact)
-and clears the optimiser and covariance state.
+The shared backbone is never written to: the adapted norm parameters are this method's own tensors
+(``vlmtta.norms.TrainableNorms``, shared with the other batch methods through ``NormAdaptation``);
+``reset()`` copies the originals back (bit-exact) and clears the optimiser and covariance state.
 """
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..entropy import shannon_entropy
-from .base import Method, Need, register
+from .base import register
+from .batch import NormAdaptation
 
 __all__ = [
     "SubTTA",
     "batclip_loss",
     "chordal_distance_sq",
+    "class_means",
     "covariance",
     "mint_loss",
-    "norm_parameters",
     "project",
     "text_subspace",
     "top_subspace",
 ]
 
 SUBTTA_LOSSES = ("mint", "tent", "batclip", "source")
-NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
-
 
 # ---- geometry ------------------------------------------------------------------------------------
 def covariance(features: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
@@ -54,13 +51,11 @@ def covariance(features: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     cov = centred.t() @ centred / (features.shape[0] - 1 + 1e-6)
     return cov + ridge * torch.eye(features.shape[1], dtype=cov.dtype, device=cov.device) if ridge else cov
 
-
 def top_subspace(matrix: torch.Tensor, rank: int, skip_first: bool = True) -> torch.Tensor:
     """Orthonormal rows [r, D]: right singular vectors ``[s, s + rank)`` of ``matrix`` (s = 1 if ``skip_first``)."""
     start = int(skip_first)
     _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
     return vh[start:start + rank]
-
 
 def text_subspace(text_features: torch.Tensor, max_rank: int = 256, remove_first_pc: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,59 +66,47 @@ def text_subspace(text_features: torch.Tensor, max_rank: int = 256, remove_first
     centred = text_features - text_features.mean(dim=0, keepdim=True)
     return top_subspace(centred, rank, remove_first_pc), covariance(text_features, ridge=0.0)
 
-
 def chordal_distance_sq(basis_a: torch.Tensor, basis_b: torch.Tensor) -> torch.Tensor:
     """Squared chordal distance ``r - ||A B^T||_F^2`` between subspaces with orthonormal rows (r = rows of A)."""
     return basis_a.shape[0] - (basis_a @ basis_b.t()).pow(2).sum()
-
 
 def project(features: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Orthogonal projection of ``features`` [N, D] onto the row space of ``basis`` [r, D] (``f B^T B``)."""
     return features @ basis.t() @ basis
 
-
 # ---- plug-in losses ------------------------------------------------------------------------------
-def _class_means(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def class_means(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean feature [K, D] of each label present (in ``labels.unique()`` order) and each sample's row in it [N]."""
     present, inverse = labels.unique(return_inverse=True)
     onehot = F.one_hot(inverse, present.numel()).to(features.dtype)  # [N, K]
     return onehot.t() @ features / onehot.sum(dim=0)[:, None], inverse
-
 
 def mint_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """MINT: mean squared distance to the pseudo-class mean minus mean squared distance to the batch mean
     (a constant 0, so no step, for fewer than 2 samples or pseudo-classes)."""
     if features.shape[0] < 2 or labels.unique().numel() < 2:
         return features.new_zeros(())
-    means, inverse = _class_means(features, labels)
+    means, inverse = class_means(features, labels)
     intra = (features - means[inverse]).pow(2).sum(dim=1).mean()
     total = (features - features.mean(dim=0)).pow(2).sum(dim=1).mean()
     return intra - total
-
 
 def batclip_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """BATCLIP: mean pairwise cosine between the normalised pseudo-class means (constant 0 for < 2 classes)."""
     if labels.unique().numel() < 2:
         return features.new_zeros(())
-    means = F.normalize(_class_means(features, labels)[0], dim=-1)
+    means = F.normalize(class_means(features, labels)[0], dim=-1)
     upper = torch.triu_indices(means.shape[0], means.shape[0], offset=1, device=means.device)
     return (means @ means.t())[upper[0], upper[1]].mean()
 
-
-def norm_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The affine parameters (weight, bias) of every normalisation layer in ``module``, by name."""
-    return {f"{name}.{pname}" if name else pname: p
-            for name, m in module.named_modules() if isinstance(m, NORM_TYPES)
-            for pname, p in m.named_parameters(recurse=False) if pname in ("weight", "bias")}
-
-
 @register
-class SubTTA(Method):
+class SubTTA(NormAdaptation):
     """Subspace alignment TTA: image-encoder norm parameters aligned to the text subspace, then a TTA loss.
 
     Protocols:
 
     * ``predict_batch(images [B, 3, S, S]) -> [B, C]``: the paper's online batch protocol (batch 64);
-      state persists across batches until ``reset()`` (call it between domain shifts).
+      state persists across batches until ``reset()`` (runners call it between domain shifts).
     * ``predict_views(views [N, 3, S, S]) -> [C]``: per-image streaming mode, used by ``predict`` and
       ``Adapter.step``: one image's ``n_views`` views (view 0 the original) form the batch, and the
       original view's adapted probabilities are returned.  Updates persist across images (online).
@@ -140,6 +123,8 @@ class SubTTA(Method):
         ent_scale: temperature of ``tent`` (official code: 3).
         predict_projected: predict from the projected logits instead of the ordinary ones (the
             official code returns the ordinary logits).
+        reset: reset policy, ``domain`` (paper: ``reset_each_shift``), ``batch`` or ``continual``
+            (see ``vlmtta.methods.batch``).
 
     Differences from the official code: gradients are zeroed before each step (the code lets the
     alignment step accumulate onto the previous batch's loss gradients); a step whose gradients are
@@ -150,14 +135,12 @@ class SubTTA(Method):
     name = "subtta"
     summary = "Aligns the image-feature subspace to the text subspace by tuning the image encoder's norm layers."
     paper = "Zeng et al., Subspace Alignment for Vision-Language Model Test-time Adaptation, arXiv 2601.08139"
-    episodic = False
-    needs = frozenset({Need.TRAINABLE_NORMS})
 
     def __init__(self, n_views: int = 64, augmentation: str = "rrc_flip", rank: int = 256,
                  remove_first_pc: bool = True, cov_momentum: float = 0.5, lr: float = 5e-4,
                  weight_decay: float = 0.01, beta1: float = 0.9, loss: str = "mint", ent_scale: float = 3.0,
-                 predict_projected: bool = False):
-        super().__init__(n_views=n_views, augmentation=augmentation)
+                 predict_projected: bool = False, reset: str = "domain"):
+        super().__init__(reset=reset, n_views=n_views, augmentation=augmentation)
         if loss not in SUBTTA_LOSSES:
             raise ValueError(f"subtta: loss must be one of {SUBTTA_LOSSES}, got {loss!r}.")
         if not 0 <= cov_momentum < 1:
@@ -167,57 +150,28 @@ class SubTTA(Method):
         self.rank, self.remove_first_pc, self.cov_momentum = int(rank), bool(remove_first_pc), float(cov_momentum)
         self.lr, self.weight_decay, self.beta1 = float(lr), float(weight_decay), float(beta1)
         self.loss, self.ent_scale, self.predict_projected = loss, float(ent_scale), bool(predict_projected)
-        self.params: dict[str, torch.Tensor] = {}
-        self.original: dict[str, torch.Tensor] = {}
-        self.last: dict[str, Any] = {}
 
     # ---- state ---------------------------------------------------------------------------------
     def bind(self, context) -> None:
-        visual = context.require_backbone(self.name).model.visual
-        self.original = {name: p.detach().clone() for name, p in norm_parameters(visual).items()}
-        if not self.original:
-            raise TypeError(f"subtta: the image tower {type(visual).__name__} has no normalisation layers to adapt.")
-        self.params = {name: p.clone().requires_grad_(True) for name, p in self.original.items()}
         text = context.text_features.float()
         self.text_basis, self.text_cov = text_subspace(text, self.rank, self.remove_first_pc)
         super().bind(context)
 
+    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.lr, betas=(self.beta1, 0.999), weight_decay=self.weight_decay)
+
     def reset(self) -> None:
         """Restore the original norm parameters (bit-exact), a fresh optimiser, the covariance from text."""
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(self.original[name])
-                p.grad = None
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.lr, betas=(self.beta1, 0.999),
-                                           weight_decay=self.weight_decay)
+        super().reset()
         self.running_cov: torch.Tensor | None = None
-        self.last = {}
 
     # ---- pieces ----------------------------------------------------------------------------------
-    def encode(self, images: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        """Unnormalised float image features [B, D] with the adapted norm parameters."""
-        backbone = self.context.require_backbone(self.name)
-        with torch.set_grad_enabled(grad), backbone.autocast():
-            features = torch.func.functional_call(backbone.model.visual, self.params, (images.to(backbone.device),))
-        return features.float()
-
     def visual_subspace(self, features: torch.Tensor) -> torch.Tensor:
         """Mix the batch covariance into the running one (EMA) and return its top subspace."""
         running = self.text_cov if self.running_cov is None else self.running_cov
         cov = self.cov_momentum * running + (1 - self.cov_momentum) * covariance(features)
         self.running_cov = cov.detach()
         return top_subspace(cov, self.text_basis.shape[0], self.remove_first_pc)
-
-    def _step(self, loss: torch.Tensor) -> bool:
-        """One AdamW step on ``loss``; skipped when it has no gradient or a non-finite one."""
-        self.optimizer.zero_grad(set_to_none=True)
-        if not loss.requires_grad:
-            return False
-        loss.backward()
-        finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params.values())
-        if finite:
-            self.optimizer.step()
-        return finite
 
     def _tta_loss(self, projected: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.loss == "mint":
@@ -227,26 +181,22 @@ class SubTTA(Method):
         return shannon_entropy(logits * (self.ent_scale / self.context.logit_scale)).mean()  # tent
 
     # ---- prediction ----------------------------------------------------------------------------
-    def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """Adapt on a batch of preprocessed test images [B, 3, S, S]; class probabilities [B, C]."""
+    def adapt(self, images: torch.Tensor) -> torch.Tensor:
+        """Alignment step, plug-in loss step, then the ordinary (or projected) probabilities [B, C]."""
         text = self.context.text_features.float()
         basis = self.text_basis
         if self.cov_momentum > 0:
             vis = self.visual_subspace(self.encode(images, grad=True))
             distance = chordal_distance_sq(basis, vis)
             self.last["chordal_distance_sq"] = distance.item()
-            self.last["align_step"] = self._step(distance / (basis.shape[0] * (1 - self.cov_momentum)))
+            self.last["align_step"] = self.step(distance / (basis.shape[0] * (1 - self.cov_momentum)))
         if self.loss != "source":
             projected = F.normalize(project(self.encode(images, grad=True), basis), dim=-1)
             logits = self.logits(projected, text)
             loss = self._tta_loss(projected, logits, logits.detach().argmax(dim=1))
             self.last["tta_loss"] = loss.item()
-            self.last["tta_step"] = self._step(loss)
+            self.last["tta_step"] = self.step(loss)
         with torch.no_grad():
             features = self.encode(images)
             features = project(features, basis) if self.predict_projected else features
             return self.logits(F.normalize(features, dim=-1), text).softmax(dim=-1)
-
-    def predict_views(self, views: torch.Tensor) -> torch.Tensor:
-        """Streaming mode: the views of one image form the batch; probabilities [C] of the original view."""
-        return self.predict_batch(views)[0]

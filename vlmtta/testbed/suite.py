@@ -4,7 +4,9 @@ Each (method, corruption) cell is the top-1 accuracy (%) of ``vlmtta.Adapter(CLA
 backbone=<vlmtta-testbed>, seed=seed)`` fed a fixed, seeded subset of the test split, corrupted at
 ``severity`` and streamed in ``order``.  Methods that run on view features share the encoded views:
 each image's views are made (``vlmtta.views.make_views``, the seed ``Adapter.step`` would use) and
-encoded once per view configuration, then reused by every such method.  Labels are read by the
+encoded once per view configuration, then reused by every such method.  Batch methods (SubTTA, Tent,
+SAR, DeYO, BATCLIP, WATT, CLIPArTT) take the stream ``batch_size`` original views at a time (their
+papers' protocol) and are reset at the start of each corruption's stream (one domain).  Labels are read by the
 metric only (and, for the ``dirichlet`` order, to build the correlated order, as published
 protocols do).
 """
@@ -104,17 +106,33 @@ class ViewFeatures:
         return self._cache[config]
 
 
-def evaluate(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor, views: ViewFeatures | None = None) -> float:
+def batch_predictions(adapter: Adapter, images: torch.Tensor, batch_size: int) -> list[int]:
+    """Predictions of a batch method fed ``images`` (uint8 [N, 3, H, W]) ``batch_size`` at a time, in order."""
+    return [int(i) for start in range(0, len(images), batch_size)
+            for i in adapter.adapt_batch(adapter.original_views(images[start:start + batch_size])).argmax(dim=-1)]
+
+
+def evaluate(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor, views: ViewFeatures | None = None,
+             batch_size: int | None = 64) -> float:
     """Top-1 accuracy (%) of ``adapter`` on a stream, using shared view features when it can."""
-    return 100.0 * float(evaluate_samples(adapter, images, labels, views)[0].correct.mean())
+    return 100.0 * float(evaluate_samples(adapter, images, labels, views, batch_size)[0].correct.mean())
 
 
 def evaluate_samples(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor,
-                     views: ViewFeatures | None = None) -> tuple[Samples, float]:
+                     views: ViewFeatures | None = None, batch_size: int | None = 64) -> tuple[Samples, float]:
     """The per-sample record of ``adapter`` on a stream, and the shared encoding cost per image (ms; 0 when
-    the method encodes its own views, which its per-sample latency then includes)."""
+    the method encodes its own views, which its per-sample latency then includes).  Batch methods take
+    ``batch_size`` images per step (``None``: one image's views per step, their streaming mode); their
+    latency is the batch's time divided by its size."""
     adapter.reset()
     rows, latency, encode_ms = [], [], 0.0
+    if batch_size and hasattr(adapter.method, "predict_batch"):
+        for start in range(0, len(images), batch_size):
+            tick = time.perf_counter()
+            probs = adapter.adapt_batch(adapter.original_views(images[start:start + batch_size])).float().cpu()
+            rows.extend(probs)
+            latency.extend([1000.0 * (time.perf_counter() - tick) / len(probs)] * len(probs))
+        return Samples.from_probabilities(torch.stack(rows), labels.tolist(), latency), encode_ms
     if views is not None and Need.VIEW_FEATURES in adapter.method.needs:
         features = views.get(adapter.view_config)
         encode_ms = 1000.0 * views.encode_seconds[adapter.view_config] / max(1, len(features))
@@ -134,7 +152,8 @@ def evaluate_samples(adapter: Adapter, images: torch.Tensor, labels: torch.Tenso
 def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_corruption: int | None = DEFAULT_N,
               seed: int = 0, corruptions: Iterable[str] | None = None, order: str = "iid",
               options: dict[str, dict[str, Any]] | None = None, backbone: FrozenCLIP | None = None,
-              device: str = "auto", progress: Callable[[str], None] | None = None) -> SuiteResult:
+              device: str = "auto", progress: Callable[[str], None] | None = None,
+              batch_size: int | None = 64) -> SuiteResult:
     """Run ``methods`` (default: every registered one) on every corruption; see the module docstring.
 
     Args:
@@ -146,6 +165,7 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
             take is an error.
         backbone: a ``FrozenCLIP`` (default: ``load_backbone("vlmtta-testbed", device=device)``).
         progress: called with a line after every cell.
+        batch_size: images per adaptation step of batch methods (``None``: per image, on its views).
     """
     methods = list(methods or method_names())
     corruptions = list(corruptions or C.corruption_names())
@@ -159,7 +179,7 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
     adapters, errors = _adapters(methods, backbone, seed, options or {})
     images, labels = subset(n_per_corruption, seed)
     result = SuiteResult({name: {} for name in adapters}, errors, {name: 0.0 for name in adapters},
-                         _protocol(adapters, severity, labels, seed, order, backbone),
+                         _protocol(adapters, severity, labels, seed, order, backbone, batch_size),
                          {name: {} for name in adapters})
     for corruption in corruptions:
         stream, truth = corrupted_stream(images, labels, corruption, severity, seed, order)
@@ -167,10 +187,11 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
         for name, adapter in list(adapters.items()):
             start = time.perf_counter()
             try:
-                if Need.VIEW_FEATURES in adapter.method.needs:
+                if Need.VIEW_FEATURES in adapter.method.needs and not (batch_size and
+                                                                    hasattr(adapter.method, "predict_batch")):
                     views.get(adapter.view_config)  # shared: encoded once, outside every method's memory peak
                 with peak_memory(backbone.device) as memory:
-                    samples, encode_ms = evaluate_samples(adapter, stream, truth, views)
+                    samples, encode_ms = evaluate_samples(adapter, stream, truth, views, batch_size)
             except _CANNOT_RUN as error:  # e.g. a method whose extra model is not available offline
                 result.errors[name] = f"{type(error).__name__}: {error}"
                 del adapters[name], result.accuracy[name], result.seconds[name], result.cells[name]
@@ -218,11 +239,14 @@ def _adapters(methods: list[str], backbone: FrozenCLIP, seed: int,
 
 
 def _protocol(adapters: dict[str, Adapter], severity: int, labels: torch.Tensor, seed: int, order: str,
-              backbone: FrozenCLIP) -> dict[str, Any]:
+              backbone: FrozenCLIP, batch_size: int | None = None) -> dict[str, Any]:
     stream = StreamOrder.parse(order).describe(seed, int(labels.unique().numel()))
+    methods = {name: adapter.protocol() for name, adapter in adapters.items()}
+    for name, adapter in adapters.items():
+        if batch_size and hasattr(adapter.method, "predict_batch"):
+            methods[name].update(batch_size=batch_size, views="original view only", reset_at="start of each corruption")
     return {"backbone": backbone.describe(), "dataset": "fashion-mnist test", "images_per_corruption": len(labels),
-            "severity": severity, "seed": seed, "order": order, "stream": stream,
-            "methods": {name: adapter.protocol() for name, adapter in adapters.items()}}
+            "severity": severity, "seed": seed, "order": order, "stream": stream, "methods": methods}
 
 
 def format_table(result: SuiteResult, fmt: str = "text") -> str:
@@ -340,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("-n", "--n-per-corruption", type=int, default=DEFAULT_N)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--order", default="iid", help="iid (default) or dirichlet[:ALPHA] (vlmtta.streams)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step of batch methods")
     parser.add_argument("--severities", action="store_true", help="zero-shot accuracy at every severity instead")
     parser.add_argument("--format", default="text", choices=["text", "markdown", "csv"])
     args = parser.parse_args(argv)
@@ -348,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         methods = args.methods.split(",") if args.methods else None
         result = run_suite(methods, args.severity, args.n_per_corruption, args.seed, order=args.order,
-                           progress=lambda line: print(line, flush=True))
+                           progress=lambda line: print(line, flush=True), batch_size=args.batch_size)
     print(format_table(result, args.format))
 
 
