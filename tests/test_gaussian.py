@@ -1,0 +1,103 @@
+"""The online Gaussian core (vlmtta.gaussian) against direct batch computations."""
+import pytest
+import torch
+
+from vlmtta.gaussian import (ClassGaussians, discriminant, map_fusion, ridge_precision, scatter_about,
+                             shrunk_precision)
+
+
+def _data(n=7, c=3, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.rand(n, c, generator=g, dtype=torch.float64).softmax(-1)
+    m = torch.randn(c, d, generator=g, dtype=torch.float64)
+    return x, w, m
+
+
+def test_scatter_about_matches_the_explicit_double_sum():
+    x, w, m = _data()
+    direct = sum(w[i, j] * torch.outer(x[i] - m[j], x[i] - m[j]) for i in range(x.shape[0]) for j in range(m.shape[0]))
+    assert torch.allclose(scatter_about(x, w, m), direct, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["pooled", "class_mean"])
+def test_online_updates_equal_the_batch_estimate(mode):
+    """Sample-by-sample updates give the prior-weighted soft means and (old-mean centred) covariances computed
+    directly from the whole history."""
+    x, w, _ = _data(n=6, c=3, d=4, seed=1)
+    c, d = w.shape[1], x.shape[1]
+    prior_mean, prior_cov, count = torch.full((c, d), 0.1, dtype=torch.float64), 0.5 * torch.eye(d, dtype=torch.float64), 2.0
+    g = ClassGaussians(prior_mean.float(), count, prior_cov.float(), mode)
+    g.means, g.counts = g.means.double(), g.counts.double()
+    if mode == "pooled":
+        g.scatter = g.scatter.double()
+    else:
+        g.class_covariances = g.class_covariances.double()
+    means, counts = prior_mean.clone(), torch.full((c,), count, dtype=torch.float64)
+    class_scatter = [count * prior_cov.clone() for _ in range(c)]
+    for i in range(x.shape[0]):
+        g.update(x[i:i + 1], w[i:i + 1])
+        for j in range(c):  # direct bookkeeping
+            diff = x[i] - means[j]
+            class_scatter[j] = class_scatter[j] + w[i, j] * torch.outer(diff, diff)
+        means = (counts[:, None] * means + w[i][:, None] * x[i]) / (counts + w[i])[:, None]
+        counts = counts + w[i]
+    total = counts.sum()
+    expected_cov = sum(class_scatter) / total if mode == "pooled" else \
+        sum(s / n for s, n in zip(class_scatter, counts)) / c
+    # the means equal the closed form: (count * prior + sum_i w_ij x_i) / (count + sum_i w_ij)
+    closed = (count * prior_mean + w.t() @ x) / (count + w.sum(0))[:, None]
+    assert torch.allclose(g.means, closed, atol=1e-10)
+    assert torch.allclose(g.counts, count + w.sum(0), atol=1e-12)
+    assert torch.allclose(g.covariance, expected_cov, atol=1e-10)
+
+
+def test_batch_update_of_several_rows_equals_the_sum_of_their_contributions():
+    x, w, _ = _data(n=5, c=2, d=3, seed=2)
+    a = ClassGaussians(torch.zeros(2, 3), 1.0, torch.eye(3))
+    a.update(x.float(), w.float())
+    closed = (w.t() @ x).float() / (1 + w.sum(0)).float()[:, None]
+    assert torch.allclose(a.means, closed, atol=1e-6)
+    # all rows scatter about the prior means (zeros) in one batch update
+    expected = (2 * torch.eye(3) + scatter_about(x, w, torch.zeros(2, 3, dtype=torch.float64)).float()) / a.counts.sum()
+    assert torch.allclose(a.covariance, expected, atol=1e-6)
+
+
+def test_reset_restores_the_prior():
+    g = ClassGaussians(torch.ones(3, 2), 1.0, 0.3 * torch.eye(2))
+    g.update(torch.randn(4, 2), torch.rand(4, 3))
+    g.reset()
+    assert torch.equal(g.means, torch.ones(3, 2))
+    assert torch.equal(g.counts, torch.ones(3))
+    assert torch.allclose(g.covariance, 0.3 * torch.eye(2))
+
+
+def test_discriminant_is_the_gaussian_log_likelihood_up_to_a_per_sample_constant():
+    x, _, m = _data(n=4, c=3, d=5, seed=3)
+    a = torch.randn(5, 5, dtype=torch.float64)
+    cov = a @ a.t() + torch.eye(5, dtype=torch.float64)
+    loglik = torch.stack([torch.distributions.MultivariateNormal(m[j], cov).log_prob(x) for j in range(3)], dim=1)
+    scores = discriminant(x, m, torch.linalg.inv(cov))
+    assert torch.allclose((scores - loglik).std(dim=1), torch.zeros(4, dtype=torch.float64), atol=1e-8)
+
+
+def test_precisions():
+    a = torch.randn(6, 6, dtype=torch.float64)
+    cov = a @ a.t() / 6
+    eps = 0.1
+    assert torch.allclose(shrunk_precision(cov, eps), torch.linalg.inv(0.9 * cov + 0.1 * torch.eye(6, dtype=torch.float64)))
+    n = 20
+    expected = 6 * torch.linalg.inv((n - 1) * cov + torch.trace(cov) * torch.eye(6, dtype=torch.float64))
+    assert torch.allclose(ridge_precision(cov, n), expected, atol=1e-8)
+
+
+def test_map_fusion_is_bayes_rule():
+    prior = torch.tensor([0.5, 0.3, 0.2])
+    loglik = torch.tensor([0.0, 1.0, -1.0])
+    post = prior * torch.exp(0.5 * loglik)
+    assert torch.allclose(map_fusion(prior, loglik, 0.5), post / post.sum())
+
+
+def test_bad_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="covariance mode"):
+        ClassGaussians(torch.zeros(2, 2), 1.0, torch.eye(2), "diagonal")
