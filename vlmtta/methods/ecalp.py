@@ -134,7 +134,7 @@ class ECALP(Method):
         vals = image_w.flatten()
         # symmetrised image-image block A + A^T (duplicates are summed when coalescing)
         sym = torch.sparse_coo_tensor(torch.stack([torch.cat([rows, cols]), torch.cat([cols, rows])]),
-                                      torch.cat([vals, vals]), (n, n)).coalesce()
+                                      torch.cat([vals, vals]), (n, n), check_invariants=False).coalesce()
         text_rows = torch.arange(n, device=device)[:, None].expand_as(self.text_neighbours[:n]).flatten()
         text_block = torch.zeros(n, n_classes, device=device).index_put_(
             (text_rows, self.text_neighbours[:n].flatten()), text_w.flatten(), accumulate=True)
@@ -142,11 +142,12 @@ class ECALP(Method):
         inv_image = 1.0 / (image_degree.sqrt() + 1e-6)
         inv_text = 1.0 / (text_block.sum(0).sqrt() + 1e-6)
         idx = sym.indices()
-        normed = torch.sparse_coo_tensor(idx, sym.values() * inv_image[idx[0]] * inv_image[idx[1]], (n, n)).to_sparse_csr()
+        normed = torch.sparse_coo_tensor(idx, sym.values() * inv_image[idx[0]] * inv_image[idx[1]], (n, n),
+                                         is_coalesced=True, check_invariants=False)
         from_text = text_block * inv_image[:, None] * inv_text[None, :]  # W~ restricted to image rows, text columns
         start = torch.zeros(n, n_classes, device=device)
         start[torch.arange(n, device=device), self.carried_label[:n]] = self.carried_score[:n]
         scores = start
         for _ in range(self.iterations):
-            scores = self.alpha * (from_text + normed @ scores) + (1 - self.alpha) * start
+            scores = self.alpha * (from_text + torch.sparse.mm(normed, scores)) + (1 - self.alpha) * start
         return scores
