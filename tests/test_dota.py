@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmtta.gaussian import ClassGaussians, discriminant, shrunk_precision
+from vlmtta.gaussian import ClassGaussians, discriminant, shrunk_covariance
 from vlmtta.methods import Context, create_method
 from vlmtta.methods.dota import DOTA
 
@@ -31,13 +31,13 @@ def test_first_prediction_is_zero_shot_with_constant_prior_means():
 def test_prediction_follows_the_fusion_formula_and_state_is_the_soft_label_estimate():
     text, feats = _stream()
     rho, eta, eps, sigma = 0.3, 0.5, 1e-3, 0.01
-    m = _bound(text, rho=rho, eta=eta, epsilon=eps, sigma=sigma)
+    m = _bound(text, rho=rho, eta=eta, epsilon=eps, sigma=sigma, min_weight=0.0)
     ref = ClassGaussians(torch.full_like(text, 0.001), 1.0, sigma * torch.eye(text.shape[1]))
     for i in range(feats.shape[0]):
         x = feats[i:i + 1]
         clip = 100 * x @ text.t()
         weight = min(rho * float(ref.counts.mean()), eta)
-        scores = discriminant(x, ref.means, shrunk_precision(ref.covariance, eps))
+        scores = discriminant(x, ref.means, shrunk_covariance(ref.covariance, eps))
         expected = (clip + weight * scores).softmax(-1)[0]
         assert torch.allclose(m.predict_features(x), expected, atol=1e-5), i
         ref.update(x, clip.softmax(-1))
@@ -53,7 +53,7 @@ def test_fusion_weight_is_capped_at_eta():
     for i in range(2):
         m.predict_features(feats[i:i + 1])
     x = feats[2:3]
-    scores = discriminant(x, m.gaussians.means, m.precision)
+    scores = discriminant(x, m.gaussians.means, shrunk_covariance(m.gaussians.covariance, 1e-4))
     expected = (100 * x @ text.t() + 0.25 * scores).softmax(-1)[0]
     assert torch.allclose(m.predict_features(x), expected, atol=1e-5)
 
@@ -73,12 +73,12 @@ def test_class_mean_covariance_and_text_init_run_and_reset_restores_the_prior():
     text, feats = _stream()
     for options in ({"covariance": "class_mean"}, {"init_means": "text"}):
         m = _bound(text, **options)
-        before = (m.gaussians.means.clone(), m.gaussians.counts.clone(), m.precision.clone())
+        before = (m.gaussians.means.clone(), m.gaussians.counts.clone(), m.gaussians.covariance.clone())
         for i in range(feats.shape[0]):
             m.predict_features(feats[i:i + 1])
         assert not torch.equal(m.gaussians.means, before[0])
         m.reset()
-        for now, then in zip((m.gaussians.means, m.gaussians.counts, m.precision), before):
+        for now, then in zip((m.gaussians.means, m.gaussians.counts, m.gaussians.covariance), before):
             assert torch.equal(now, then)
     assert torch.equal(_bound(text, init_means="text").gaussians.means, text)
 

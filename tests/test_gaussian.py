@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from vlmtta.gaussian import (ClassGaussians, discriminant, map_fusion, ridge_precision, scatter_about,
-                             shrunk_precision)
+from vlmtta.gaussian import ClassGaussians, discriminant, map_fusion, scatter_about, shrunk_covariance
 
 
 def _data(n=7, c=3, d=4, seed=0):
@@ -77,18 +76,32 @@ def test_discriminant_is_the_gaussian_log_likelihood_up_to_a_per_sample_constant
     a = torch.randn(5, 5, dtype=torch.float64)
     cov = a @ a.t() + torch.eye(5, dtype=torch.float64)
     loglik = torch.stack([torch.distributions.MultivariateNormal(m[j], cov).log_prob(x) for j in range(3)], dim=1)
-    scores = discriminant(x, m, torch.linalg.inv(cov))
+    scores = discriminant(x, m, cov)
     assert torch.allclose((scores - loglik).std(dim=1), torch.zeros(4, dtype=torch.float64), atol=1e-8)
 
 
-def test_precisions():
+def test_discriminant_equals_the_explicit_precision_form():
+    x, _, m = _data(n=3, c=4, d=6, seed=4)
     a = torch.randn(6, 6, dtype=torch.float64)
-    cov = a @ a.t() / 6
-    eps = 0.1
-    assert torch.allclose(shrunk_precision(cov, eps), torch.linalg.inv(0.9 * cov + 0.1 * torch.eye(6, dtype=torch.float64)))
-    n = 20
-    expected = 6 * torch.linalg.inv((n - 1) * cov + torch.trace(cov) * torch.eye(6, dtype=torch.float64))
-    assert torch.allclose(ridge_precision(cov, n), expected, atol=1e-8)
+    cov = shrunk_covariance(a @ a.t() / 6, 0.1)
+    assert torch.allclose(cov, 0.9 * a @ a.t() / 6 + 0.1 * torch.eye(6, dtype=torch.float64))
+    precision = torch.linalg.inv(cov)
+    expected = x @ precision @ m.t() - 0.5 * torch.einsum("cd,de,ce->c", m, precision, m)
+    assert torch.allclose(discriminant(x, m, cov), expected, atol=1e-8)
+
+
+def test_skipping_negligible_weights_changes_nothing_at_float32_resolution():
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)
+    w = (100 * x @ text.t()).softmax(-1)
+    exact, truncated = (ClassGaussians(torch.full((50, 16), 1e-3), 1.0, 2e-3 * torch.eye(16)) for _ in range(2))
+    for i in range(40):
+        exact.update(x[i:i + 1], w[i:i + 1])
+        truncated.update(x[i:i + 1], w[i:i + 1], min_weight=1e-9)
+    assert torch.allclose(truncated.means, exact.means, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(truncated.counts, exact.counts, rtol=1e-6)
+    assert torch.allclose(truncated.covariance, exact.covariance, rtol=1e-5, atol=1e-9)
 
 
 def test_map_fusion_is_bayes_rule():

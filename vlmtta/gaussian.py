@@ -11,8 +11,8 @@ The shared covariance is ``pooled`` (``sum_j c_j Sigma_j / sum_j c_j``, the coun
 covariances: linear discriminant analysis's pooled estimate, [D, D] memory) or ``class_mean`` (the unweighted mean
 ``sum_j Sigma_j / C``, which needs every ``Sigma_j``: [C, D, D] memory, 1 GiB at 1000 classes and D = 512).
 
-Scoring is the linear discriminant ``x^T P mu_j - mu_j^T P mu_j / 2`` with a precision ``P`` (``shrunk_precision``
-or ``ridge_precision``): the class log-likelihood up to a term that is the same for every class.  ``map_fusion``
+Scoring is the linear discriminant ``x^T S^-1 mu_j - mu_j^T S^-1 mu_j / 2`` for a shared covariance ``S`` (e.g.
+``shrunk_covariance``): the class log-likelihood up to a term that is the same for every class.  ``map_fusion``
 combines such log-likelihoods with zero-shot probabilities as a prior (Bayes' rule).
 """
 from __future__ import annotations
@@ -55,19 +55,29 @@ class ClassGaussians:
             return self.scatter / self.counts.sum()
         return self.class_covariances.mean(dim=0)
 
-    def update(self, features: torch.Tensor, weights: torch.Tensor) -> None:
-        """Add ``features`` [N, D] with soft class weights ``weights`` [N, C] (rows usually sum to 1)."""
+    def update(self, features: torch.Tensor, weights: torch.Tensor, min_weight: float = 0.0) -> None:
+        """Add ``features`` [N, D] with soft class weights ``weights`` [N, C] (rows usually sum to 1).
+
+        ``min_weight > 0`` updates only the classes that some row weighs above it: with softmax weights at CLIP's
+        temperature nearly all classes get weights far below float32 resolution (a weight of 1e-9 changes a count
+        of 1 by less than its rounding), and skipping them turns the O(C D^2) update into O(k D^2)."""
         x, w = features.to(self.means.dtype), weights.to(self.means.dtype)
-        mass = w.sum(dim=0)  # [C]
-        if self.mode == "pooled":
-            self.scatter += scatter_about(x, w, self.means)
+        if min_weight > 0:
+            active = (w > min_weight).any(dim=0).nonzero().squeeze(1)
+            w = w[:, active]
         else:
-            centred = x[:, None, :] - self.means[None]  # [N, C, D]
+            active = slice(None)
+        means, counts = self.means[active], self.counts[active]
+        mass = w.sum(dim=0)
+        if self.mode == "pooled":
+            self.scatter += scatter_about(x, w, means)
+        else:
+            centred = x[:, None, :] - means[None]  # [N, k, D]
             delta = torch.einsum("nc,ncd,nce->cde", w, centred, centred)
-            self.class_covariances = (self.counts[:, None, None] * self.class_covariances + delta) \
-                / (self.counts + mass)[:, None, None]
-        self.means = (self.counts[:, None] * self.means + w.t() @ x) / (self.counts + mass)[:, None]
-        self.counts = self.counts + mass
+            self.class_covariances[active] = (counts[:, None, None] * self.class_covariances[active] + delta) \
+                / (counts + mass)[:, None, None]
+        self.means[active] = (counts[:, None] * means + w.t() @ x) / (counts + mass)[:, None]
+        self.counts[active] = counts + mass
 
 
 def scatter_about(features: torch.Tensor, weights: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -79,31 +89,22 @@ def scatter_about(features: torch.Tensor, weights: torch.Tensor, centres: torch.
     return (features.t() * row_mass) @ features - cross - cross.t() + centres.t() @ (weights.sum(dim=0)[:, None] * centres)
 
 
-def shrunk_precision(covariance: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """``((1 - epsilon) Sigma + epsilon I)^-1`` (DOTA)."""
+def shrunk_covariance(covariance: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``(1 - epsilon) Sigma + epsilon I`` (DOTA's regularised covariance)."""
     eye = torch.eye(covariance.shape[0], device=covariance.device, dtype=covariance.dtype)
-    return _spd_inverse((1 - epsilon) * covariance + epsilon * eye)
+    return (1 - epsilon) * covariance + epsilon * eye
 
 
-def ridge_precision(covariance: torch.Tensor, n: int) -> torch.Tensor:
-    """Empirical-Bayes ridge inverse ``D ((n - 1) Sigma + tr(Sigma) I)^-1`` of a covariance estimated from ``n``
-    samples (OGA's estimator for ``n <= 4 D``; Bayes-ridge of Kubokawa & Srivastava, JMVA 2008)."""
-    dim = covariance.shape[0]
-    eye = torch.eye(dim, device=covariance.device, dtype=covariance.dtype)
-    return dim * torch.linalg.pinv((n - 1) * covariance + covariance.diagonal().sum() * eye, hermitian=True)
+def discriminant(features: torch.Tensor, means: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """Linear discriminant scores ``x^T S^-1 mu_j - mu_j^T S^-1 mu_j / 2`` [N, C] of features [N, D] for a shared
+    covariance ``S`` (symmetric positive definite): the Gaussian log-likelihoods up to a per-sample constant.
 
-
-def _spd_inverse(matrix: torch.Tensor) -> torch.Tensor:
-    """Inverse of a symmetric positive-definite matrix by Cholesky (falls back to ``inv`` if not PD)."""
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    return torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(matrix)
-
-
-def discriminant(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """Linear discriminant scores ``x^T P mu_j - mu_j^T P mu_j / 2`` [N, C] of features [N, D]: the Gaussian
-    log-likelihoods with shared precision ``P`` up to a per-sample constant."""
-    projected = means @ precision  # [C, D] (P symmetric)
-    return features.to(projected.dtype) @ projected.t() - 0.5 * (projected * means).sum(dim=-1)
+    Computed through the Cholesky factor ``S = L L^T`` (``z = L^-1 v``: scores ``z_x . z_mu - |z_mu|^2 / 2``), one
+    triangular solve for all classes, without forming ``S^-1``."""
+    factor = torch.linalg.cholesky(covariance)
+    z_means = torch.linalg.solve_triangular(factor, means.t(), upper=False)  # [D, C]
+    z_x = torch.linalg.solve_triangular(factor, features.to(means.dtype).t(), upper=False)  # [D, N]
+    return z_x.t() @ z_means - 0.5 * z_means.square().sum(dim=0)
 
 
 def map_fusion(prior_probs: torch.Tensor, log_likelihood: torch.Tensor, tau: float = 1.0) -> torch.Tensor:

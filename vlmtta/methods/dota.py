@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..entropy import select_confident
-from ..gaussian import COVARIANCE_MODES, ClassGaussians, discriminant, shrunk_precision
+from ..gaussian import COVARIANCE_MODES, ClassGaussians, discriminant, shrunk_covariance
 from .base import Context, Method, register
 
 _CONFIGS = {  # ViT-B/16 configs of the official code (configs/vit/*.yaml): (epsilon, eta, rho); sigma is 0.002 on all
@@ -46,7 +46,10 @@ class DOTA(Method):
     classes, D = 512, and O(C D^2) per image).  The default ``"pooled"`` weighs each class's covariance by its soft
     count (linear discriminant analysis's pooled estimate) and keeps only [D, D].  The paper text could not be
     checked here, so neither reading is confirmed as the paper's; the pooled one is the default for its memory.
-    The code computes ``P`` and the scores in fp16; vlmtta in fp32.  Defaults are the ImageNet ViT-B/16 config;
+    The code computes ``P`` and the scores in fp16; vlmtta in fp32, through a Cholesky factor of the regularised
+    covariance (no explicit inverse).  Each update skips the classes whose soft label is below ``min_weight``
+    (1e-9: far below float32 resolution of the counts and means they would change; 0 = update every class), so
+    an image costs one Cholesky factorisation and one triangular solve with C right-hand sides.  Defaults are the ImageNet ViT-B/16 config;
     ``dataset_defaults`` holds every dataset's.
     """
 
@@ -62,7 +65,8 @@ class DOTA(Method):
 
     def __init__(self, n_views: int = 1, augmentation: str = "augmix", confident_ratio: float = 0.1,
                  epsilon: float = 1e-4, sigma: float = 0.002, eta: float = 0.2, rho: float = 0.005,
-                 init_means: str = "constant", init_scale: float = 0.001, covariance: str = "pooled"):
+                 init_means: str = "constant", init_scale: float = 0.001, covariance: str = "pooled",
+                 min_weight: float = 1e-9):
         super().__init__(n_views=n_views, augmentation=augmentation)
         if not 0 < confident_ratio <= 1:
             raise ValueError(f"{self.name}: confident_ratio must lie in (0, 1], got {confident_ratio}.")
@@ -71,13 +75,15 @@ class DOTA(Method):
                              f"got {epsilon}, {sigma}, {eta}, {rho}.")
         if init_means not in INIT_MEANS:
             raise ValueError(f"{self.name}: init_means must be one of {INIT_MEANS}, got {init_means!r}.")
+        if min_weight < 0:
+            raise ValueError(f"{self.name}: min_weight must be >= 0, got {min_weight}.")
         if covariance not in COVARIANCE_MODES:
             raise ValueError(f"{self.name}: covariance must be one of {COVARIANCE_MODES}, got {covariance!r}.")
         self.confident_ratio, self.epsilon, self.sigma = float(confident_ratio), float(epsilon), float(sigma)
         self.eta, self.rho = float(eta), float(rho)
         self.init_means, self.init_scale, self.covariance = init_means, float(init_scale), covariance
+        self.min_weight = float(min_weight)
         self.gaussians: ClassGaussians | None = None
-        self.precision: torch.Tensor | None = None
 
     def bind(self, context: Context) -> None:
         text = context.text_features.float()
@@ -89,7 +95,6 @@ class DOTA(Method):
     def reset(self) -> None:
         if self.gaussians is not None:
             self.gaussians.reset()
-            self.precision = shrunk_precision(self.gaussians.covariance, self.epsilon)
 
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
@@ -97,9 +102,9 @@ class DOTA(Method):
             keep = select_confident(logits, self.confident_ratio)
             features, logits = features[keep], logits[keep]
         clip_logits = logits.mean(dim=0)
-        scores = discriminant(features.float().mean(dim=0, keepdim=True), self.gaussians.means, self.precision)[0]
+        covariance = shrunk_covariance(self.gaussians.covariance, self.epsilon)
+        scores = discriminant(features.float().mean(dim=0, keepdim=True), self.gaussians.means, covariance)[0]
         weight = (self.rho * self.gaussians.counts.mean() / features.shape[0]).clamp(max=self.eta)
         probs = (clip_logits + weight * scores).softmax(dim=-1)
-        self.gaussians.update(features, logits.softmax(dim=-1))
-        self.precision = shrunk_precision(self.gaussians.covariance, self.epsilon)
+        self.gaussians.update(features, logits.softmax(dim=-1), self.min_weight)
         return probs
