@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vlmtta.gaussian import ClassGaussians, discriminant, map_fusion, scatter_about, shrunk_covariance
+from vlmtta.gaussian import ClassGaussians, discriminant, scatter_about, shrunk_covariance
 
 
 def _data(n=7, c=3, d=4, seed=0):
@@ -102,13 +102,6 @@ def test_skipping_negligible_weights_changes_nothing_at_float32_resolution():
     assert torch.allclose(truncated.means, exact.means, rtol=1e-6, atol=1e-9)
     assert torch.allclose(truncated.counts, exact.counts, rtol=1e-6)
     assert torch.allclose(truncated.covariance, exact.covariance, rtol=1e-5, atol=1e-9)
-
-
-def test_map_fusion_is_bayes_rule():
-    prior = torch.tensor([0.5, 0.3, 0.2])
-    loglik = torch.tensor([0.0, 1.0, -1.0])
-    post = prior * torch.exp(0.5 * loglik)
-    assert torch.allclose(map_fusion(prior, loglik, 0.5), post / post.sum())
 
 
 def test_bad_mode_is_a_clear_error():

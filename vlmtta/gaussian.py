@@ -1,4 +1,4 @@
-"""Online class-conditional Gaussians over image features, shared by DOTA and OGA (Gaussian discriminant analysis).
+"""Online class-conditional Gaussians over image features (Gaussian discriminant analysis; used by DOTA).
 
 ``ClassGaussians`` keeps, for ``C`` classes, soft counts ``c_j``, running means ``mu_j`` and a covariance, updated
 from a batch of features with soft class weights (pseudo-label probabilities) in a handful of tensor ops:
@@ -12,8 +12,7 @@ covariances: linear discriminant analysis's pooled estimate, [D, D] memory) or `
 ``sum_j Sigma_j / C``, which needs every ``Sigma_j``: [C, D, D] memory, 1 GiB at 1000 classes and D = 512).
 
 Scoring is the linear discriminant ``x^T S^-1 mu_j - mu_j^T S^-1 mu_j / 2`` for a shared covariance ``S`` (e.g.
-``shrunk_covariance``): the class log-likelihood up to a term that is the same for every class.  ``map_fusion``
-combines such log-likelihoods with zero-shot probabilities as a prior (Bayes' rule).
+``shrunk_covariance``): the class log-likelihood up to a term that is the same for every class.
 """
 from __future__ import annotations
 
@@ -105,8 +104,3 @@ def discriminant(features: torch.Tensor, means: torch.Tensor, covariance: torch.
     z_means = torch.linalg.solve_triangular(factor, means.t(), upper=False)  # [D, C]
     z_x = torch.linalg.solve_triangular(factor, features.to(means.dtype).t(), upper=False)  # [D, N]
     return z_x.t() @ z_means - 0.5 * z_means.square().sum(dim=0)
-
-
-def map_fusion(prior_probs: torch.Tensor, log_likelihood: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """Posterior ``p_j ∝ prior_j exp(tau * loglik_j)`` along the last dimension."""
-    return (prior_probs.clamp_min(torch.finfo(torch.float32).tiny).log() + tau * log_likelihood).softmax(dim=-1)
