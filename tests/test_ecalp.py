@@ -36,11 +36,14 @@ def _dense_graph(m, feats, text):
     return inv[:, None] * w * inv[None, :]
 
 
-def test_neighbour_lists_are_the_exact_knn_of_all_nodes_seen():
+@pytest.mark.parametrize("twin", [False, True])
+def test_neighbour_lists_are_the_exact_knn_of_all_nodes_seen(twin):
+    """Also with the official code's duplicate node, which is removed after each prediction."""
     text, feats = _data(n=9)
-    m = _bound(text, k_image=3)
+    m = _bound(text, k_image=3, twin=twin)
     for i in range(feats.shape[0]):
         m.predict_features(feats[i:i + 1])
+    assert m.n == 9
     r = F.normalize(text.var(dim=0), dim=0)
     s = F.normalize(r * feats, dim=-1) @ feats.t()
     expected = s.topk(3, dim=1)
@@ -96,3 +99,16 @@ def test_reset_forgets_the_graph():
     m.reset()
     assert m.n == 0
     assert torch.allclose(m.predict_features(feats[:1]), first)
+
+
+def test_the_twin_propagates_over_a_duplicate_of_the_current_image():
+    text, feats = _data(n=1)
+    m = _bound(text, k_image=2, k_text=2, gamma=2.0, twin=True)
+    got = m.predict_features(feats)
+    c = text.shape[0]
+    w = _dense_graph(m, torch.cat([feats, feats]), text)  # both copies, each in the other's list
+    y = torch.zeros(2, c)
+    for _ in range(3):
+        y = w[c:] @ torch.cat([torch.eye(c), y])
+    assert torch.allclose(got, y[-1] / y[-1].sum(), atol=1e-5)
+    assert m.n == 1  # the twin is gone after the prediction

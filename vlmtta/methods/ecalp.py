@@ -32,9 +32,11 @@ class ECALP(Method):
     Defaults are the official code's, one setting for every dataset (no per-dataset tuning): ``k_text = 3``,
     ``k_image = 8``, ``gamma = 10``, ``alpha = 1``, 3 iterations, ``carry = 1 / 5``.  With several views their mean
     feature is the node (the official features average DMN's views).  Differences from the official code: it adds
-    the current image twice (a duplicate node that is dropped at the next step) and scores the newest node's image
-    neighbours with the re-weighting on the other node's side; here every node appears once and ``s(i, j)`` always
-    re-weights the node whose list is built.  Negative similarities give no edge (the code raises them to the power).
+    the current image twice (a duplicate node, dropped at the next step) and scores the newest node's image
+    neighbours with the re-weighting on the other node's side; here every node appears once (``twin=True`` adds
+    the code's duplicate: it is propagated with the current image, the prediction is read from it, and it is
+    removed afterwards, the lists that held it rebuilt) and ``s(i, j)`` always re-weights the node whose list is
+    built.  Negative similarities give no edge (the code raises them to the power).
     Cost grows with the stream: a step is O(n D) for the similarities and O(n k C) for the propagation.
     """
 
@@ -45,7 +47,8 @@ class ECALP(Method):
     episodic = False
 
     def __init__(self, n_views: int = 1, augmentation: str = "augmix", k_text: int = 3, k_image: int = 8,
-                 gamma: float = 10.0, alpha: float = 1.0, iterations: int = 3, carry: float = 0.2):
+                 gamma: float = 10.0, alpha: float = 1.0, iterations: int = 3, carry: float = 0.2,
+                 twin: bool = False):
         super().__init__(n_views=n_views, augmentation=augmentation)
         if int(k_text) < 1 or int(k_image) < 1 or int(iterations) < 1:
             raise ValueError(f"{self.name}: k_text, k_image and iterations must be at least 1, "
@@ -53,7 +56,7 @@ class ECALP(Method):
         if not gamma > 0 or not 0 <= alpha <= 1 or carry < 0:
             raise ValueError(f"{self.name}: need gamma > 0, 0 <= alpha <= 1, carry >= 0; got {gamma}, {alpha}, {carry}.")
         self.k_text, self.k_image, self.iterations = int(k_text), int(k_image), int(iterations)
-        self.gamma, self.alpha, self.carry = float(gamma), float(alpha), float(carry)
+        self.gamma, self.alpha, self.carry, self.twin = float(gamma), float(alpha), float(carry), bool(twin)
         self.n = 0
 
     def bind(self, context: Context) -> None:
@@ -79,6 +82,8 @@ class ECALP(Method):
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         x = F.normalize(features.float().mean(dim=0), dim=-1)
         self._add_node(x)
+        if self.twin:
+            self._add_node(x)
         scores = self.propagate()
         new = scores[-1]
         total = new.sum()
@@ -86,6 +91,8 @@ class ECALP(Method):
             return self.logits(features[:1])[0].softmax(-1)
         best, label = scores.max(dim=1)
         self.carried_score[:self.n], self.carried_label[:self.n] = self.carry * best, label
+        if self.twin:
+            self._drop_last()
         return new / total
 
     # ---- graph ----------------------------------------------------------------------------------
@@ -114,6 +121,16 @@ class ECALP(Method):
         text_sims, text_idx = (text @ x).topk(min(self.k_text, text.shape[0]))
         self.text_sims[n - 1, :text_sims.numel()], self.text_neighbours[n - 1, :text_idx.numel()] = text_sims, text_idx
         self.carried_label[n - 1], self.carried_score[n - 1] = 0, 0.0
+
+    def _drop_last(self) -> None:
+        """Remove the newest node (the twin); lists that held it are rebuilt over the remaining nodes."""
+        self.n = n = self.n - 1
+        held = (self.neighbours[:n] == n).any(dim=1).nonzero().squeeze(1)
+        if held.numel():
+            top = min(self.k_image, n)
+            sims, idx = (self.queries[held] @ self.keys[:n].t()).topk(top, dim=1)
+            self.neighbour_sims[held] = F.pad(sims, (0, self.k_image - top), value=float("-inf"))
+            self.neighbours[held] = F.pad(idx, (0, self.k_image - top))
 
     def _grow(self) -> None:
         def more(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
