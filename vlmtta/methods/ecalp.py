@@ -85,14 +85,14 @@ class ECALP(Method):
         if self.twin:
             self._add_node(x)
         scores = self.propagate()
-        new = scores[-1]
-        total = new.sum()
-        if not total > 0:  # no positive text similarity at all: fall back to zero-shot
-            return self.logits(features[:1])[0].softmax(-1)
         best, label = scores.max(dim=1)
         self.carried_score[:self.n], self.carried_label[:self.n] = self.carry * best, label
         if self.twin:
             self._drop_last()
+        new = scores[-1]
+        total = new.sum()
+        if not total > 0:  # no positive text similarity at all: fall back to zero-shot
+            return self.logits(features[:1])[0].softmax(-1)
         return new / total
 
     # ---- graph ----------------------------------------------------------------------------------
