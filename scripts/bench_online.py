@@ -6,6 +6,13 @@ class), minus zero-shot's, divided by the median time of encoding one image (ori
 ``encode_images``) with ``--model`` (random weights: speed does not depend on them).
 
     python scripts/bench_online.py [--classes 1000] [--threads 2] [--repeats 50] [--device cpu] [--output r.json]
+
+``--stream FILE.pt`` (a ``--features`` file, e.g. the shared ImageNet ViT-B/32 stream) instead runs every method of
+``--methods`` over the first ``--n`` images of that stream in file order, one view each, and reports per method the
+mean and median time of ``predict_features`` per image (whatever the state has grown to), the accuracy, and the
+mean time as a ratio to zero-shot scoring and to TDA measured in the same run:
+
+    python scripts/bench_online.py --stream imagenet_stream.pt --methods zeroshot,tda,dota,onzeta,bca,ecalp [--n 6997]
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import vlmtta
 import vlmtta.methods.boostadapter
 import vlmtta.methods.dmn
 import vlmtta.methods.tda
+from vlmtta.features import load_features_file
 from vlmtta.memory import ClassCache
 from vlmtta.methods import Context, create_method
 from vlmtta.views import original_view
@@ -79,9 +87,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--stream", type=Path, default=None, help="a --features file: time methods over its stream")
+    parser.add_argument("--methods", default="zeroshot,tda,dota,onzeta,bca,ecalp", help="--stream: methods to run")
+    parser.add_argument("--n", type=int, default=None, help="--stream: first N images (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.stream is not None:
+        return stream_costs(args)
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     backbone = vlmtta.FrozenCLIP(args.model, None, args.device)
@@ -110,6 +123,47 @@ def main() -> None:
         args.output.write_text(json.dumps({"model": args.model, "device": str(device), "classes": args.classes,
                                            "threads": torch.get_num_threads(), "torch": torch.__version__,
                                            "encode_ms": encode, "rows": rows}, indent=2))
+
+
+def stream_costs(args: argparse.Namespace) -> None:
+    """Per-image cost of each method over a real feature stream, as ratios to zero-shot scoring and TDA."""
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    source = load_features_file(args.stream)
+    n = min(args.n or len(source), len(source))
+    feats = source.image_features[:n, 0].float().to(device)
+    feats = F.normalize(feats, dim=-1)
+    labels = source.labels[:n].to(device)
+    text = source.text_features.to(device)
+    names = source.classnames
+    print(f"{args.stream.name}: {n} images, {text.shape[0]} classes, dim {text.shape[1]}, {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, one view, file order")
+    rows = []
+    for method in args.methods.split(","):
+        m = create_method(method, n_views=1)
+        m.bind(Context(names, [], text, source.logit_scale))
+        times, correct = [], 0
+        for i in range(n):
+            sync()
+            start = time.perf_counter()
+            probs = m.predict_features(feats[i:i + 1])
+            sync()
+            times.append(time.perf_counter() - start)
+            correct += int(probs.argmax() == labels[i])
+        rows.append({"method": method, "mean_ms": 1000 * statistics.fmean(times),
+                     "median_ms": 1000 * statistics.median(times), "accuracy": 100 * correct / n})
+        print(f"  {method}: {rows[-1]['mean_ms']:.3f} ms mean, {rows[-1]['accuracy']:.2f} %", flush=True)
+    by_name = {row["method"]: row["mean_ms"] for row in rows}
+    print("\n| method | accuracy % | ms / image (mean) | median | / zero-shot | / TDA |\n|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        row["ratio_zeroshot"] = row["mean_ms"] / by_name.get("zeroshot", float("nan"))
+        row["ratio_tda"] = row["mean_ms"] / by_name.get("tda", float("nan"))
+        print(f"| {row['method']} | {row['accuracy']:.2f} | {row['mean_ms']:.3f} | {row['median_ms']:.3f} | "
+              f"{row['ratio_zeroshot']:.1f} | {row['ratio_tda']:.2f} |")
+    if args.output:
+        args.output.write_text(json.dumps({"stream": str(args.stream), "n": n, "device": str(device),
+                                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                           "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

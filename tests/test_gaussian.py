@@ -1,0 +1,109 @@
+"""The online Gaussian core (vlmtta.gaussian) against direct batch computations."""
+import pytest
+import torch
+
+from vlmtta.gaussian import ClassGaussians, discriminant, scatter_about, shrunk_covariance
+
+
+def _data(n=7, c=3, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.rand(n, c, generator=g, dtype=torch.float64).softmax(-1)
+    m = torch.randn(c, d, generator=g, dtype=torch.float64)
+    return x, w, m
+
+
+def test_scatter_about_matches_the_explicit_double_sum():
+    x, w, m = _data()
+    direct = sum(w[i, j] * torch.outer(x[i] - m[j], x[i] - m[j]) for i in range(x.shape[0]) for j in range(m.shape[0]))
+    assert torch.allclose(scatter_about(x, w, m), direct, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["pooled", "class_mean"])
+def test_online_updates_equal_the_batch_estimate(mode):
+    """Sample-by-sample updates give the prior-weighted soft means and (old-mean centred) covariances computed
+    directly from the whole history."""
+    x, w, _ = _data(n=6, c=3, d=4, seed=1)
+    c, d = w.shape[1], x.shape[1]
+    prior_mean, prior_cov, count = torch.full((c, d), 0.1, dtype=torch.float64), 0.5 * torch.eye(d, dtype=torch.float64), 2.0
+    g = ClassGaussians(prior_mean.float(), count, prior_cov.float(), mode)
+    g.means, g.counts = g.means.double(), g.counts.double()
+    if mode == "pooled":
+        g.scatter = g.scatter.double()
+    else:
+        g.class_covariances = g.class_covariances.double()
+    means, counts = prior_mean.clone(), torch.full((c,), count, dtype=torch.float64)
+    class_scatter = [count * prior_cov.clone() for _ in range(c)]
+    for i in range(x.shape[0]):
+        g.update(x[i:i + 1], w[i:i + 1])
+        for j in range(c):  # direct bookkeeping
+            diff = x[i] - means[j]
+            class_scatter[j] = class_scatter[j] + w[i, j] * torch.outer(diff, diff)
+        means = (counts[:, None] * means + w[i][:, None] * x[i]) / (counts + w[i])[:, None]
+        counts = counts + w[i]
+    total = counts.sum()
+    expected_cov = sum(class_scatter) / total if mode == "pooled" else \
+        sum(s / n for s, n in zip(class_scatter, counts)) / c
+    # the means equal the closed form: (count * prior + sum_i w_ij x_i) / (count + sum_i w_ij)
+    closed = (count * prior_mean + w.t() @ x) / (count + w.sum(0))[:, None]
+    assert torch.allclose(g.means, closed, atol=1e-10)
+    assert torch.allclose(g.counts, count + w.sum(0), atol=1e-12)
+    assert torch.allclose(g.covariance, expected_cov, atol=1e-10)
+
+
+def test_batch_update_of_several_rows_equals_the_sum_of_their_contributions():
+    x, w, _ = _data(n=5, c=2, d=3, seed=2)
+    a = ClassGaussians(torch.zeros(2, 3), 1.0, torch.eye(3))
+    a.update(x.float(), w.float())
+    closed = (w.t() @ x).float() / (1 + w.sum(0)).float()[:, None]
+    assert torch.allclose(a.means, closed, atol=1e-6)
+    # all rows scatter about the prior means (zeros) in one batch update
+    expected = (2 * torch.eye(3) + scatter_about(x, w, torch.zeros(2, 3, dtype=torch.float64)).float()) / a.counts.sum()
+    assert torch.allclose(a.covariance, expected, atol=1e-6)
+
+
+def test_reset_restores_the_prior():
+    g = ClassGaussians(torch.ones(3, 2), 1.0, 0.3 * torch.eye(2))
+    g.update(torch.randn(4, 2), torch.rand(4, 3))
+    g.reset()
+    assert torch.equal(g.means, torch.ones(3, 2))
+    assert torch.equal(g.counts, torch.ones(3))
+    assert torch.allclose(g.covariance, 0.3 * torch.eye(2))
+
+
+def test_discriminant_is_the_gaussian_log_likelihood_up_to_a_per_sample_constant():
+    x, _, m = _data(n=4, c=3, d=5, seed=3)
+    a = torch.randn(5, 5, dtype=torch.float64)
+    cov = a @ a.t() + torch.eye(5, dtype=torch.float64)
+    loglik = torch.stack([torch.distributions.MultivariateNormal(m[j], cov).log_prob(x) for j in range(3)], dim=1)
+    scores = discriminant(x, m, cov)
+    assert torch.allclose((scores - loglik).std(dim=1), torch.zeros(4, dtype=torch.float64), atol=1e-8)
+
+
+def test_discriminant_equals_the_explicit_precision_form():
+    x, _, m = _data(n=3, c=4, d=6, seed=4)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    cov = shrunk_covariance(a @ a.t() / 6, 0.1)
+    assert torch.allclose(cov, 0.9 * a @ a.t() / 6 + 0.1 * torch.eye(6, dtype=torch.float64))
+    precision = torch.linalg.inv(cov)
+    expected = x @ precision @ m.t() - 0.5 * torch.einsum("cd,de,ce->c", m, precision, m)
+    assert torch.allclose(discriminant(x, m, cov), expected, atol=1e-8)
+
+
+def test_skipping_negligible_weights_changes_nothing_at_float32_resolution():
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)
+    w = (100 * x @ text.t()).softmax(-1)
+    exact, truncated = (ClassGaussians(torch.full((50, 16), 1e-3), 1.0, 2e-3 * torch.eye(16)) for _ in range(2))
+    for i in range(40):
+        exact.update(x[i:i + 1], w[i:i + 1])
+        truncated.update(x[i:i + 1], w[i:i + 1], min_weight=1e-9)
+    assert torch.allclose(truncated.means, exact.means, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(truncated.counts, exact.counts, rtol=1e-6)
+    assert torch.allclose(truncated.covariance, exact.covariance, rtol=1e-5, atol=1e-9)
+
+
+def test_bad_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="covariance mode"):
+        ClassGaussians(torch.zeros(2, 2), 1.0, torch.eye(2), "diagonal")
