@@ -98,3 +98,14 @@ def test_paper_settings_and_errors(tiny_backbone, reward_dir):
         bound(tiny_backbone, reward_dir, sample_k=7)
     with pytest.raises(ValueError, match="sample_k"):
         create_method("rlcf", sample_k=0)
+
+
+
+def test_reward_model_with_its_own_weights_needs_no_tag(tiny_backbone):
+    """The default ``reward_pretrained="auto"`` loads a local-dir: or shipped reward model with its own weights
+    (a tag such as ``openai`` is refused for those), and means ``openai`` for an architecture name."""
+    from vlmtta.backbone import resolve_weights
+
+    method = bound_method("rlcf", tiny_backbone, CLASSES, reward_model="vlmtta-testbed")
+    assert method.reward_pretrained == "auto" and method.reward.pretrained == "testbed"
+    assert resolve_weights("ViT-L-14", method.reward_pretrained)[1] == "openai"

@@ -39,7 +39,8 @@ class RLCF(TPT):
     on those classes.  Then the tuned context predicts the original view, as TPT.
 
     The reward model is any open_clip backbone (``reward_model`` / ``reward_pretrained``; the paper's is
-    ViT-L/14 with OpenAI weights), loaded once and shared; it encodes the kept views (resized to its input
+    ViT-L/14 with OpenAI weights, which ``"auto"`` picks for an architecture name; a ``local-dir:`` model or
+    ``vlmtta-testbed`` brings its own weights), loaded once and shared; it encodes the kept views (resized to its input
     size, bicubic, and renormalised with its mean/std) once per image and the class names with the method's
     templates once per class set.  The paper's policy starts from a 16-shot CoOp context (``coop_ctx``); the
     default starts from "a photo of a" like TPT.  The policy runs TPT's fast path (truncated text context,
@@ -52,7 +53,7 @@ class RLCF(TPT):
 
     def __init__(self, n_views: int = 64, augmentation: str = "rrc_flip", steps: int = 3, lr: float = 7e-3,
                  weight_decay: float = 5e-4, confidence_ratio: float = 0.1, sample_k: int = 3,
-                 reward_model: str = "ViT-L-14", reward_pretrained: str | None = "openai",
+                 reward_model: str = "ViT-L-14", reward_pretrained: str | None = "auto",
                  n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT, coop_ctx: str | None = None,
                  reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0):
         super().__init__(n_views=n_views, augmentation=augmentation, steps=steps, lr=lr,
