@@ -70,3 +70,25 @@ def tiny_backbone(tiny_model_dir):
 def rgb_image() -> Image.Image:
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8), "RGB")
+
+
+def bound_on_text(name: str, text, logit_scale: float = 100.0, **options):
+    """A registered method bound to class text features [C, D] alone (no backbone), for feature-level tests."""
+    from vlmtta.methods import Context, create_method
+
+    method = create_method(name, **options)
+    method.bind(Context([f"c{i}" for i in range(text.shape[0])], [], text, logit_scale))
+    return method
+
+
+def clustered_features(n: int, c: int, d: int, noise: float | None, seed: int = 0):
+    """Unit class texts [c, d] and ``n`` unit features, sample ``i`` near text ``i % c`` (``noise`` times a
+    Gaussian); ``noise=None``: features independent of the texts.  One seeded generator, texts drawn first."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    text = F.normalize(torch.randn(c, d, generator=g), dim=-1)
+    if noise is None:
+        return text, F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    return text, F.normalize(text[torch.arange(n) % c] + noise * torch.randn(n, d, generator=g), dim=-1)

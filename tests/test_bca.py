@@ -1,21 +1,15 @@
 """BCA on hand-built features: zero-shot start, the two gated running means, reset."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmtta.methods import Context, create_method
+from conftest import bound_on_text, clustered_features
+from vlmtta.methods import create_method
 
-
-def _bound(text, **options):
-    m = create_method("bca", **options)
-    m.bind(Context([f"c{i}" for i in range(text.shape[0])], [], text, 10.0))
-    return m
-
-
-def _data(n=6, c=3, d=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    text = F.normalize(torch.randn(c, d, generator=g), dim=-1)
-    return text, F.normalize(text[torch.arange(n) % c] + 0.3 * torch.randn(n, d, generator=g), dim=-1)
+_bound = partial(bound_on_text, "bca", logit_scale=10.0)
+_data = partial(clustered_features, n=6, c=3, d=5, noise=0.3)
 
 
 def test_first_prediction_is_zero_shot_and_the_updates_follow_the_running_means():

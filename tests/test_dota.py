@@ -1,24 +1,16 @@
 """DOTA on hand-built features: zero-shot start, the fusion formula, the Gaussian state, reset."""
+from functools import partial
+
 import pytest
 import torch
-import torch.nn.functional as F
 
+from conftest import bound_on_text, clustered_features
+from vlmtta.methods import create_method
 from vlmtta.gaussian import ClassGaussians, discriminant, shrunk_covariance
-from vlmtta.methods import Context, create_method
 from vlmtta.methods.dota import DOTA
 
-
-def _bound(text, **options):
-    m = create_method("dota", **options)
-    m.bind(Context([f"c{i}" for i in range(text.shape[0])], [], text, 100.0))
-    return m
-
-
-def _stream(n=6, c=4, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    text = F.normalize(torch.randn(c, d, generator=g), dim=-1)
-    feats = F.normalize(text[torch.arange(n) % c] + 0.4 * torch.randn(n, d, generator=g), dim=-1)
-    return text, feats
+_bound = partial(bound_on_text, "dota")
+_stream = partial(clustered_features, n=6, c=4, d=8, noise=0.4)
 
 
 def test_first_prediction_is_zero_shot_with_constant_prior_means():

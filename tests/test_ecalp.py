@@ -1,22 +1,14 @@
 """ECALP on tiny graphs: exact neighbour lists, propagation against a dense formulation and its closed form, reset."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmtta.methods import Context, create_method
+from conftest import bound_on_text, clustered_features
 
-
-def _bound(text, **options):
-    m = create_method("ecalp", **options)
-    m.bind(Context([f"c{i}" for i in range(text.shape[0])], [], text, 100.0))
-    return m
-
-
-def _data(n=7, c=3, d=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    text = F.normalize(torch.randn(c, d, generator=g), dim=-1)
-    feats = F.normalize(text[torch.arange(n) % c] + 0.5 * torch.randn(n, d, generator=g), dim=-1)
-    return text, feats
+_bound = partial(bound_on_text, "ecalp")
+_data = partial(clustered_features, n=7, c=3, d=5, noise=0.5)
 
 
 def _dense_graph(m, feats, text):

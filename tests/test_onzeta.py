@@ -1,23 +1,17 @@
 """OnZeta on hand-built features: the first step by hand, the zero-shot limit, reset, per-dataset stream lengths."""
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmtta.methods import Context, create_method
+from conftest import bound_on_text, clustered_features
+from vlmtta.methods import create_method
 from vlmtta.methods.onzeta import OnZeta
 
-
-def _bound(text, **options):
-    m = create_method("onzeta", **options)
-    m.bind(Context([f"c{i}" for i in range(text.shape[0])], [], text, 100.0))
-    return m
-
-
-def _data(n=5, c=3, d=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(c, d, generator=g), dim=-1), F.normalize(torch.randn(n, d, generator=g), dim=-1)
+_bound = partial(bound_on_text, "onzeta")
+_data = partial(clustered_features, n=5, c=3, d=6, noise=None)
 
 
 def test_first_step_by_hand():

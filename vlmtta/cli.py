@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from .version import __version__
 

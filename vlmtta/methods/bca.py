@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..entropy import select_confident
-from .base import Context, Method, register
+from .base import Method, register
 
 
 @register

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.catalog import DATASETS
-from .base import Context, Method, register
+from .base import Method, register
 
 
 @register
