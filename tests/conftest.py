@@ -92,3 +92,12 @@ def clustered_features(n: int, c: int, d: int, noise: float | None, seed: int = 
     if noise is None:
         return text, F.normalize(torch.randn(n, d, generator=g), dim=-1)
     return text, F.normalize(text[torch.arange(n) % c] + noise * torch.randn(n, d, generator=g), dim=-1)
+
+
+def run_episodes(method, images):
+    """(probabilities, tuned context) of an episodic prompt method on each image's views, reset before each."""
+    out = []
+    for image in images:
+        method.reset()
+        out.append((method.predict_views(image), method.learner.ctx.detach().clone()))
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import run_episodes
 import vlmtta
 import vlmtta.methods.tpt as tpt
 from vlmtta.methods import Context, create_method, get_method_class
@@ -22,19 +23,11 @@ def views(seed: int, n: int = 16) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def run(method, images):
-    out = []
-    for image in images:
-        method.reset()
-        out.append((method.predict_views(image), method.learner.ctx.detach().clone()))
-    return out
-
-
 @pytest.mark.parametrize("options", [{}, {"steps": 3, "ctpt_lambda": 20.0}, {"ctx_init": None, "n_ctx": 6}])
 def test_fast_path_equals_the_straightforward_formulation(tiny_backbone, options):
     images = [views(0, 8), views(1, 8)]
-    fast = run(bound(tiny_backbone, n_views=8, **options), images)
-    reference = run(bound(tiny_backbone, n_views=8, reference_impl=True, **options), images)
+    fast = run_episodes(bound(tiny_backbone, n_views=8, **options), images)
+    reference = run_episodes(bound(tiny_backbone, n_views=8, reference_impl=True, **options), images)
     for (p_fast, ctx_fast), (p_ref, ctx_ref) in zip(fast, reference):
         torch.testing.assert_close(ctx_fast, ctx_ref, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(p_fast, p_ref, atol=1e-5, rtol=1e-4)
@@ -65,8 +58,8 @@ def test_frozen_encoders_and_episodic_reset(tiny_backbone):
 
 def test_cached_initial_graph_gives_the_same_results(tiny_backbone):
     images = [views(2), views(3), views(2)]
-    cached = run(bound(tiny_backbone, n_views=16, steps=2), images)
-    fresh = run(bound(tiny_backbone, n_views=16, steps=2, cache_init_graph=False), images)
+    cached = run_episodes(bound(tiny_backbone, n_views=16, steps=2), images)
+    fresh = run_episodes(bound(tiny_backbone, n_views=16, steps=2, cache_init_graph=False), images)
     for (p_a, c_a), (p_b, c_b) in zip(cached, fresh):
         torch.testing.assert_close(c_a, c_b)
         torch.testing.assert_close(p_a, p_b)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import bound_method, random_images
+from conftest import bound_method, random_images, run_episodes
 from vlmtta.methods import create_method, get_method_class
 from vlmtta.methods.otpt import orthogonality_penalty
 from vlmtta.methods.rtpt import reliability_weights
@@ -35,20 +35,12 @@ def test_orthogonality_penalty_is_the_official_construction():
     assert float(orthogonality_penalty(torch.eye(4), "code")) == 0.0 == float(orthogonality_penalty(torch.eye(4), "frobenius"))
 
 
-def run(method, images):
-    out = []
-    for image in images:
-        method.reset()
-        out.append((method.predict_views(image), method.learner.ctx.detach().clone()))
-    return out
-
-
 @pytest.mark.parametrize("name,options", [("otpt", {}), ("otpt", {"orthogonality": "frobenius", "steps": 2}),
                                           ("rtpt", {}), ("rtpt", {"steps": 2, "neighbours": 3})])
 def test_fast_path_equals_the_straightforward_formulation(tiny_backbone, name, options):
     images = [random_images(8, 0), random_images(8, 1)]
-    fast = run(bound_method(name, tiny_backbone, CLASSES, n_views=8, **options), images)
-    reference = run(bound_method(name, tiny_backbone, CLASSES, n_views=8, reference_impl=True, **options), images)
+    fast = run_episodes(bound_method(name, tiny_backbone, CLASSES, n_views=8, **options), images)
+    reference = run_episodes(bound_method(name, tiny_backbone, CLASSES, n_views=8, reference_impl=True, **options), images)
     for (p_fast, ctx_fast), (p_ref, ctx_ref) in zip(fast, reference):
         torch.testing.assert_close(ctx_fast, ctx_ref, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(p_fast, p_ref, atol=1e-5, rtol=1e-4)

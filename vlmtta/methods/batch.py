@@ -133,3 +133,16 @@ class NormAdaptation(Method):
     def predict_views(self, views: torch.Tensor) -> torch.Tensor:
         """Streaming mode: the views of one image form the batch; probabilities [C] of the original view."""
         return self.predict_batch(views)[0]
+
+
+class SGDNormAdaptation(NormAdaptation):
+    """Norm adaptation stepped by SGD with momentum (``self.lr``, ``self.momentum``): Tent, SAR, DeYO.  A
+    ``frozen_top`` share (SAR, DeYO) leaves the top transformer blocks and the final norm out."""
+
+    frozen_top: float | None = None
+
+    def trainable(self, visual: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return super().trainable(visual) if self.frozen_top is None else norms_below_top(visual, self.frozen_top)
+
+    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)

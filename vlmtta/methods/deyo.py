@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..entropy import shannon_entropy
 from .base import register
-from .batch import NormAdaptation, norms_below_top
+from .batch import SGDNormAdaptation
 
 __all__ = ["DeYO", "patch_shuffle", "plpd"]
 
@@ -53,7 +53,7 @@ def plpd(probs: torch.Tensor, probs_destroyed: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class DeYO(NormAdaptation):
+class DeYO(SGDNormAdaptation):
     """Entropy minimisation on samples whose prediction depends on the object's shape (PLPD filter).
 
     Args:
@@ -86,12 +86,6 @@ class DeYO(NormAdaptation):
         self.plpd_threshold, self.patch_grid = float(plpd_threshold), int(patch_grid)
         self.reweight_entropy, self.reweight_plpd = bool(reweight_entropy), bool(reweight_plpd)
         self.frozen_top, self.seed = float(frozen_top), int(seed)
-
-    def trainable(self, visual: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return norms_below_top(visual, self.frozen_top)
-
-    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
 
     def reset(self) -> None:
         super().reset()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..entropy import shannon_entropy
 from .base import register
-from .batch import NormAdaptation, norms_below_top
+from .batch import SGDNormAdaptation
 
 __all__ = ["SAR", "sam_perturbation"]
 
@@ -34,7 +34,7 @@ def sam_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor
 
 
 @register
-class SAR(NormAdaptation):
+class SAR(SGDNormAdaptation):
     """Sharpness-aware entropy minimisation on reliable samples, with model recovery.
 
     Args:
@@ -66,12 +66,6 @@ class SAR(NormAdaptation):
         self.recovery_threshold, self.ema_momentum = float(recovery_threshold), float(ema_momentum)
         self.frozen_top = float(frozen_top)
         self.recoveries = 0
-
-    def trainable(self, visual: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return norms_below_top(visual, self.frozen_top)
-
-    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
 
     def reset(self) -> None:
         super().reset()

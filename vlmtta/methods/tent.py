@@ -14,13 +14,13 @@ import torch.nn.functional as F
 
 from ..entropy import shannon_entropy
 from .base import register
-from .batch import NormAdaptation
+from .batch import SGDNormAdaptation
 
 __all__ = ["Tent"]
 
 
 @register
-class Tent(NormAdaptation):
+class Tent(SGDNormAdaptation):
     """Entropy minimisation on the image encoder's normalisation parameters, one step per batch.
 
     Args:
@@ -39,9 +39,6 @@ class Tent(NormAdaptation):
         if lr <= 0:
             raise ValueError(f"tent: lr must be > 0, got {lr}.")
         self.lr, self.momentum = float(lr), float(momentum)
-
-    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
 
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.logits(F.normalize(self.encode(images, grad=True), dim=-1))
