@@ -22,14 +22,14 @@ def shannon_entropy(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def marginal_log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """log of the mean probability over views (rows): ``logsumexp(log_softmax) - log N`` -> [C]."""
+    """log of the mean probability over views (rows): ``logsumexp(log_softmax) - log N`` -> [C] (or [..., C])."""
     return torch.logsumexp(logits.log_softmax(dim=-1), dim=0) - math.log(logits.shape[0])
 
 
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the view-averaged prediction (TPT's loss), from logits [N, C]."""
+    """Entropy of the view-averaged prediction (TPT's loss), from logits [N, C]; from [N, S, C], one per S."""
     log_probs = marginal_log_probs(logits)
-    return -(log_probs.exp() * log_probs).sum()
+    return -(log_probs.exp() * log_probs).sum(dim=-1)
 
 
 def confident_count(n_views: int, ratio: float) -> int:

@@ -24,7 +24,7 @@ def dynaprompt_loss(logits: torch.Tensor, ratio: float) -> torch.Tensor:
     """Mean over the selected prompts of the marginal entropy of the confident views, from logits [N, S, C]; the
     views are ranked by their entropy averaged over the prompts."""
     keep = torch.argsort(shannon_entropy(logits.detach()).mean(dim=1), stable=True)[: confident_count(logits.shape[0], ratio)]
-    return torch.stack([marginal_entropy(logits[keep, s]) for s in range(logits.shape[1])]).mean()
+    return marginal_entropy(logits[keep]).mean()
 
 
 @register
