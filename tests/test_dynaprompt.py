@@ -92,3 +92,13 @@ def test_defaults_and_errors():
     assert cls.options_for("dtd") == {"augmentation": "augmix"} and cls.options_for("imagenet_a") == {}
     with pytest.raises(ValueError, match="buffer_size"):
         create_method("dynaprompt", buffer_size=0)
+
+
+def test_loss_is_the_mean_over_prompts_of_the_confident_views_marginal_entropy():
+    from vlmtta.entropy import marginal_entropy, shannon_entropy
+    from vlmtta.methods.dynaprompt import dynaprompt_loss
+
+    logits = torch.randn(16, 3, 7, generator=torch.Generator().manual_seed(0))
+    keep = shannon_entropy(logits).mean(dim=1).argsort()[:4]  # 25 % of 16 views, ranked over the prompts
+    by_prompt = [marginal_entropy(logits[keep, s]) for s in range(3)]
+    assert float(dynaprompt_loss(logits, 0.25)) == pytest.approx(sum(map(float, by_prompt)) / 3, rel=1e-6)
