@@ -129,6 +129,45 @@ class Adapter:
                 return self._adapt(lambda: self.method.predict_features(self.backbone.encode_images(views)))
             return self._adapt(lambda: self.method.predict_views(views))
 
+    def step_many(self, images: Iterable[ImageInput]) -> list[Prediction]:
+        """Adapt on several test images at once, with results equal to calling ``step`` on each in turn.
+
+        Episodic methods adapt the images in one vectorised step (independent per-image state); online methods
+        see them one after another, in order.  ``elapsed_s`` is the time of the whole call per image."""
+        if self.backbone is None:
+            raise ValueError("This adapter runs on precomputed features: call adapt_features_many(features).")
+        start = time.perf_counter()
+        sources = [load_image(image, self.max_pixels).to(self.backbone.device) for image in images]
+        if not sources:
+            return []
+        views = torch.stack([make_views(pixels, self.view_config, seed=view_seed(self.seed, self.steps + k))
+                             for k, pixels in enumerate(sources)])
+        probs = self.adapt_views_many(views, sources)
+        elapsed = (time.perf_counter() - start) / len(probs)
+        return [self._prediction(row, elapsed) for row in probs]
+
+    def adapt_views_many(self, views: torch.Tensor, sources: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Class probabilities [B, C] (CPU) for B images' preprocessed views [B, N, 3, S, S]; ``sources``: the
+        uint8 images they were made from (DiffTPT).  Equal to ``adapt_views`` on each image in turn."""
+        if views.ndim != 5:
+            raise ValueError(f"views must be [B, N, 3, S, S], got {tuple(views.shape)}.")
+        with self._lock:
+            probs = self.method.predict_views_many(views, sources).detach().float().cpu()
+            self.steps += len(probs)
+        return probs
+
+    def adapt_features_many(self, features: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [B, C] (CPU) for B images given their views' L2-normalised features [B, N, D].
+        Equal to ``adapt_features`` on each image in turn."""
+        if Need.VIEW_FEATURES not in self.method.needs:
+            raise ValueError(f"Method {self.method.name!r} needs the images themselves, not view features.")
+        if features.ndim != 3:
+            raise ValueError(f"features must be [B, N, D], got {tuple(features.shape)}.")
+        with self._lock:
+            probs = self.method.predict_features_many(features).detach().float().cpu()
+            self.steps += len(probs)
+        return probs
+
     def step_batch(self, images: Iterable[ImageInput]) -> list[Prediction]:
         """Adapt on a batch of test images at once: the batch protocol of methods that have one (SubTTA, Tent,
         SAR, DeYO, BATCLIP, WATT, CLIPArTT).  Each image enters as its original view only; ``elapsed_s`` is the

@@ -136,6 +136,40 @@ class Method:
         """Class probabilities [C] from one image's preprocessed views [N, 3, S, S]."""
         return self.predict_features(self.context.require_backbone(self.name).encode_images(views))
 
+    # ---- many images at once (``Adapter.step_many``, ``vlmtta bench --batch-images``) ----------------------
+    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [B, C] of B images from their views' features [B, N, D], in stream order.
+
+        Must equal ``predict_features`` on each image in turn, with ``reset()`` before each image for episodic
+        methods.  This default does exactly that, one image at a time; episodic methods override it with one
+        vectorised step whose per-image state carries a leading batch dimension."""
+        return torch.stack([self._one_image(lambda f=f: self.predict_features(f)) for f in features])
+
+    def predict_views_many(self, views: torch.Tensor, sources: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Class probabilities [B, C] of B images from their preprocessed views [B, N, 3, S, S] (``sources``: the
+        uint8 images they were made from, for ``observe_source``).  Same contract as ``predict_features_many``.
+
+        Default: methods that need only view features get all B x N views encoded in one batch, then
+        ``predict_features_many``; the others run ``predict_views`` one image at a time."""
+        if Need.VIEW_FEATURES in self.needs:
+            backbone = self.context.require_backbone(self.name)
+            b, n = views.shape[:2]
+            return self.predict_features_many(backbone.encode_images(views.flatten(0, 1)).reshape(b, n, -1))
+        sources = [None] * len(views) if sources is None else sources
+
+        def one(v: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+            if source is not None:
+                self.observe_source(source)
+            return self.predict_views(v)
+
+        return torch.stack([self._one_image(lambda v=v, s=s: one(v, s)) for v, s in zip(views, sources)])
+
+    def _one_image(self, run) -> torch.Tensor:
+        """``run()`` after a reset for episodic methods; its probabilities detached, float32."""
+        if self.episodic:
+            self.reset()
+        return run().detach().float()
+
     def logits(self, features: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
         """CLIP logits ``scale * features @ text.T`` [N, C]."""
         text = self.context.text_features if text_features is None else text_features
