@@ -20,11 +20,12 @@ def test_first_prediction_is_zero_shot_with_constant_prior_means():
     assert torch.allclose(m.predict_features(feats[:1]), expected, atol=1e-6)
 
 
-def test_prediction_follows_the_fusion_formula_and_state_is_the_soft_label_estimate():
+@pytest.mark.parametrize("covariance", ["class_mean", "pooled"])
+def test_prediction_follows_the_fusion_formula_and_state_is_the_soft_label_estimate(covariance):
     text, feats = _stream()
     rho, eta, eps, sigma = 0.3, 0.5, 1e-3, 0.01
-    m = _bound(text, rho=rho, eta=eta, epsilon=eps, sigma=sigma, min_weight=0.0)
-    ref = ClassGaussians(torch.full_like(text, 0.001), 1.0, sigma * torch.eye(text.shape[1]))
+    m = _bound(text, rho=rho, eta=eta, epsilon=eps, sigma=sigma, min_weight=0.0, covariance=covariance)
+    ref = ClassGaussians(torch.full_like(text, 0.001), 1.0, sigma * torch.eye(text.shape[1]), covariance)
     for i in range(feats.shape[0]):
         x = feats[i:i + 1]
         clip = 100 * x @ text.t()
@@ -61,9 +62,31 @@ def test_several_views_keep_the_confident_ones_and_update_with_each():
     assert float(m.gaussians.counts.sum()) == pytest.approx(text.shape[0] + 2, rel=1e-6)
 
 
-def test_class_mean_covariance_and_text_init_run_and_reset_restores_the_prior():
+def test_default_covariance_is_the_unweighted_mean_of_the_class_covariances():
+    """The paper's and the official code's estimate: Sigma = mean_j Sigma_j, each Sigma_j from the recurrence
+    Sigma_j <- (c_j Sigma_j + p_j (x - mu_j)(x - mu_j)^T) / (c_j + p_j), written out per class."""
     text, feats = _stream()
-    for options in ({"covariance": "class_mean"}, {"init_means": "text"}):
+    m = _bound(text, sigma=0.01, min_weight=0.0)
+    c, d = text.shape
+    means, counts = torch.full((c, d), 0.001), torch.ones(c)
+    covs = [0.01 * torch.eye(d) for _ in range(c)]
+    for i in range(feats.shape[0]):
+        m.predict_features(feats[i:i + 1])
+        p = (100 * feats[i] @ text.t()).softmax(-1)
+        for j in range(c):
+            diff = feats[i] - means[j]
+            covs[j] = (counts[j] * covs[j] + p[j] * torch.outer(diff, diff)) / (counts[j] + p[j])
+            means[j] = (counts[j] * means[j] + p[j] * feats[i]) / (counts[j] + p[j])
+            counts[j] = counts[j] + p[j]
+    assert m.covariance == "class_mean"
+    assert torch.allclose(m.gaussians.covariance, torch.stack(covs).mean(0), atol=1e-7)
+    pooled = sum(n * s for n, s in zip(counts, covs)) / counts.sum()
+    assert not torch.allclose(m.gaussians.covariance, pooled, atol=1e-7)  # the two estimates differ here
+
+
+def test_pooled_covariance_and_text_init_run_and_reset_restores_the_prior():
+    text, feats = _stream()
+    for options in ({"covariance": "pooled"}, {"init_means": "text"}):
         m = _bound(text, **options)
         before = (m.gaussians.means.clone(), m.gaussians.counts.clone(), m.gaussians.covariance.clone())
         for i in range(feats.shape[0]):

@@ -31,7 +31,7 @@ def test_online_updates_equal_the_batch_estimate(mode):
     if mode == "pooled":
         g.scatter = g.scatter.double()
     else:
-        g.class_covariances = g.class_covariances.double()
+        g.class_scatter = g.class_scatter.double()
     means, counts = prior_mean.clone(), torch.full((c,), count, dtype=torch.float64)
     class_scatter = [count * prior_cov.clone() for _ in range(c)]
     for i in range(x.shape[0]):
@@ -90,12 +90,13 @@ def test_discriminant_equals_the_explicit_precision_form():
     assert torch.allclose(discriminant(x, m, cov), expected, atol=1e-8)
 
 
-def test_skipping_negligible_weights_changes_nothing_at_float32_resolution():
+@pytest.mark.parametrize("mode", ["pooled", "class_mean"])
+def test_skipping_negligible_weights_changes_nothing_at_float32_resolution(mode):
     g = torch.Generator().manual_seed(5)
     x = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)
     w = (100 * x @ text.t()).softmax(-1)
-    exact, truncated = (ClassGaussians(torch.full((50, 16), 1e-3), 1.0, 2e-3 * torch.eye(16)) for _ in range(2))
+    exact, truncated = (ClassGaussians(torch.full((50, 16), 1e-3), 1.0, 2e-3 * torch.eye(16), mode) for _ in range(2))
     for i in range(40):
         exact.update(x[i:i + 1], w[i:i + 1])
         truncated.update(x[i:i + 1], w[i:i + 1], min_weight=1e-9)
@@ -107,3 +108,33 @@ def test_skipping_negligible_weights_changes_nothing_at_float32_resolution():
 def test_bad_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="covariance mode"):
         ClassGaussians(torch.zeros(2, 2), 1.0, torch.eye(2), "diagonal")
+
+
+@pytest.mark.parametrize("min_weight", [0.0, 0.05])
+def test_class_mean_scatter_equals_the_per_class_covariance_recurrence(min_weight):
+    """The in-place per-class scatter (batched rank-N update, index_add_ when only some classes are active) gives
+    the official code's recurrence Sigma_j <- (c_j Sigma_j + Delta_j) / (c_j + m_j) and its unweighted mean."""
+    g = torch.Generator().manual_seed(6)
+    c, d = 5, 4
+    prior_mean, prior_cov = torch.randn(c, d, generator=g, dtype=torch.float64), 0.2 * torch.eye(d, dtype=torch.float64)
+    model = ClassGaussians(prior_mean.float(), 1.0, prior_cov.float(), "class_mean")
+    model.means, model.counts, model.class_scatter = (model.means.double(), model.counts.double(),
+                                                      model.class_scatter.double())
+    means, counts, covs = prior_mean.clone(), torch.ones(c, dtype=torch.float64), [prior_cov.clone() for _ in range(c)]
+    skipped = 0
+    for step in range(4):
+        x = torch.randn(3, d, generator=g, dtype=torch.float64)  # three rows (views) per update
+        w = (4 * torch.randn(3, c, generator=g, dtype=torch.float64)).softmax(-1)
+        model.update(x, w, min_weight)
+        for j in range(c):
+            if not bool((w[:, j] > min_weight).any()):
+                skipped += 1
+                continue
+            delta = sum(w[i, j] * torch.outer(x[i] - means[j], x[i] - means[j]) for i in range(3))
+            covs[j] = (counts[j] * covs[j] + delta) / (counts[j] + w[:, j].sum())
+            means[j] = (counts[j] * means[j] + w[:, j] @ x) / (counts[j] + w[:, j].sum())
+            counts[j] = counts[j] + w[:, j].sum()
+    assert (skipped > 0) == (min_weight > 0)  # the subset (index_add_) path was taken
+    assert torch.allclose(model.means, means, atol=1e-12)
+    assert torch.allclose(model.class_covariances, torch.stack(covs), atol=1e-12)
+    assert torch.allclose(model.covariance, torch.stack(covs).mean(dim=0), atol=1e-12)

@@ -5,11 +5,15 @@ from a batch of features with soft class weights (pseudo-label probabilities) in
 
 * means: ``mu_j <- (c_j mu_j + sum_i w_ij x_i) / (c_j + sum_i w_ij)`` (the prior mean weighs ``c_j``);
 * per-class scatter, centred on the means *before* the update (as DOTA's official code does):
-  ``c_j Sigma_j <- c_j Sigma_j + sum_i w_ij (x_i - mu_j)(x_i - mu_j)^T``.
+  ``c_j Sigma_j <- c_j Sigma_j + sum_i w_ij (x_i - mu_j)(x_i - mu_j)^T`` (``Delta_j``), i.e.
+  ``Sigma_j <- (c_j Sigma_j + Delta_j) / (c_j + sum_i w_ij)``.
 
-The shared covariance is ``pooled`` (``sum_j c_j Sigma_j / sum_j c_j``, the count-weighted mean of the per-class
-covariances: linear discriminant analysis's pooled estimate, [D, D] memory) or ``class_mean`` (the unweighted mean
-``sum_j Sigma_j / C``, which needs every ``Sigma_j``: [C, D, D] memory, 1 GiB at 1000 classes and D = 512).
+The shared covariance is ``class_mean`` (the unweighted mean ``sum_j Sigma_j / C`` of the per-class covariances,
+DOTA's estimate; it needs every ``Sigma_j``: [C, D, D] memory, 1 GiB at 1000 classes and D = 512) or ``pooled``
+(``sum_j c_j Sigma_j / sum_j c_j``, the count-weighted mean: linear discriminant analysis's pooled estimate, [D, D]
+memory).  ``class_mean`` keeps the per-class scatters ``S_j = c_j Sigma_j`` (so an update adds ``Delta_j`` in place,
+a batched rank-N update, instead of rescaling every ``Sigma_j``) and forms the mean as one weighted reduction
+``sum_j S_j / c_j / C``: equal to the recurrence above, two passes over the [C, D, D] buffer per update.
 
 Scoring is the linear discriminant ``x^T S^-1 mu_j - mu_j^T S^-1 mu_j / 2`` for a shared covariance ``S`` (e.g.
 ``shrunk_covariance``): the class log-likelihood up to a term that is the same for every class.
@@ -44,15 +48,26 @@ class ClassGaussians:
         self.counts = torch.full((means.shape[0],), count, device=means.device)
         if self.mode == "pooled":  # sum_j c_j Sigma_j
             self.scatter = covariance * self.counts.sum()
-        else:  # every Sigma_j
-            self.class_covariances = covariance.expand(means.shape[0], -1, -1).clone()
+        else:  # every S_j = c_j Sigma_j
+            self.class_scatter = (covariance * count).expand(means.shape[0], -1, -1).clone()
+        self._covariance: torch.Tensor | None = None
 
     @property
     def covariance(self) -> torch.Tensor:
-        """The shared covariance [D, D]."""
-        if self.mode == "pooled":
-            return self.scatter / self.counts.sum()
-        return self.class_covariances.mean(dim=0)
+        """The shared covariance [D, D] (computed once per update)."""
+        if self._covariance is None:
+            if self.mode == "pooled":
+                self._covariance = self.scatter / self.counts.sum()
+            else:
+                n_classes, dim = self.class_scatter.shape[:2]
+                flat = self.class_scatter.view(n_classes, dim * dim)
+                self._covariance = ((1.0 / self.counts) @ flat).view(dim, dim) / n_classes
+        return self._covariance
+
+    @property
+    def class_covariances(self) -> torch.Tensor:
+        """Every class's covariance ``Sigma_j`` [C, D, D] (``class_mean`` mode; a new tensor)."""
+        return self.class_scatter / self.counts[:, None, None]
 
     def update(self, features: torch.Tensor, weights: torch.Tensor, min_weight: float = 0.0) -> None:
         """Add ``features`` [N, D] with soft class weights ``weights`` [N, C] (rows usually sum to 1).
@@ -61,22 +76,32 @@ class ClassGaussians:
         temperature nearly all classes get weights far below float32 resolution (a weight of 1e-9 changes a count
         of 1 by less than its rounding), and skipping them turns the O(C D^2) update into O(k D^2)."""
         x, w = features.to(self.means.dtype), weights.to(self.means.dtype)
+        active: torch.Tensor | slice = slice(None)
         if min_weight > 0:
-            active = (w > min_weight).any(dim=0).nonzero().squeeze(1)
-            w = w[:, active]
-        else:
-            active = slice(None)
+            keep = (w > min_weight).any(dim=0)
+            if not bool(keep.all()):
+                active = keep.nonzero().squeeze(1)
+                w = w[:, active]
         means, counts = self.means[active], self.counts[active]
         mass = w.sum(dim=0)
         if self.mode == "pooled":
             self.scatter += scatter_about(x, w, means)
         else:
-            centred = x[:, None, :] - means[None]  # [N, k, D]
-            delta = torch.einsum("nc,ncd,nce->cde", w, centred, centred)
-            self.class_covariances[active] = (counts[:, None, None] * self.class_covariances[active] + delta) \
-                / (counts + mass)[:, None, None]
+            self._add_class_scatter(x, w, means, active)
         self.means[active] = (counts[:, None] * means + w.t() @ x) / (counts + mass)[:, None]
         self.counts[active] = counts + mass
+        self._covariance = None
+
+    def _add_class_scatter(self, x: torch.Tensor, w: torch.Tensor, means: torch.Tensor,
+                           active: torch.Tensor | slice) -> None:
+        """``S_j += sum_i w_ij (x_i - mu_j)(x_i - mu_j)^T`` for the active classes: one batched rank-N update
+        (in place when every class is active), no [C, D, D] temporary."""
+        centred = (x[:, None, :] - means[None]).transpose(0, 1)  # [k, N, D]
+        weighted = (centred * w.t()[:, :, None]).transpose(1, 2)  # [k, D, N]
+        if isinstance(active, slice):
+            self.class_scatter.baddbmm_(weighted, centred)
+        else:
+            self.class_scatter.index_add_(0, active, torch.bmm(weighted, centred))
 
 
 def scatter_about(features: torch.Tensor, weights: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
