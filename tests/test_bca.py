@@ -60,3 +60,11 @@ def test_reset_restores_zero_shot():
     assert torch.equal(m.predict_features(feats[:1]), first)
     with pytest.raises(ValueError, match="counts"):
         create_method("bca", prior_count=0.0)
+
+
+def test_defaults_are_the_cited_constants():
+    """thresholds 0.05 / 0.65, initial counts 20000 / 1, 10 % confident views (TTABC's bca config, see the
+    docstring); a change here must update the cited source."""
+    m = create_method("bca")
+    assert (m.likelihood_threshold, m.prior_threshold) == (0.05, 0.65)
+    assert (m.likelihood_count, m.prior_count, m.confident_ratio) == (20000.0, 1.0, 0.1)

@@ -23,11 +23,18 @@ class BCA(Method):
     * if ``p_s > likelihood_threshold``: ``mu_s <- normalise((c1_s mu_s + x) / (c1_s + 1))``, ``c1_s += 1``;
     * if ``p_s > prior_threshold``: ``P(Y | mu_s) <- (c2_s P(Y | mu_s) + P(Y | x)) / (c2_s + 1)``, ``c2_s += 1``.
 
-    The counts start at ``likelihood_count`` and ``prior_count``.  Provisional values: the official code and the
-    paper's hyperparameter table could not be read here; the defaults (thresholds 0.05 / 0.65, initial counts
-    20000 / 1, CLIP's scale) are those of TTABC's re-implementation (``walawalagoose/TTABC``), which also ranks
-    views by entropy under the adapted embeddings as its note says the official code does.  No per-dataset
-    settings are known.
+    The counts start at ``likelihood_count`` and ``prior_count``.
+
+    Sources of the defaults (thresholds 0.05 / 0.65, initial counts 20000 / 1, CLIP's scale, 10 % confident views
+    when several are given): TTABC (walawalagoose/TTABC, ``ttabc/configs/algorithms.py``, entry ``bca``:
+    ``threshold1 0.05, init_count1 20000, threshold2 0.65, init_count2 1, selection_p 0.1``, a file that states it
+    takes each method's defaults "from the paper or official repo"; its ``bca.py`` cites the official code
+    buerzlh/Bayesian-Test-Time-Adaptation-for-Vision-Language-Models).  Not found here: the official repository
+    (no snapshot can be had) and the paper's hyperparameter text (arXiv 2503.09248: only its abstract and
+    introduction are readable), so the values are TTABC's, not checked against either primary source, and no
+    per-dataset settings are known.  Selection follows TTABC: ``s`` and the gate use the posterior ``P(Y | x)``
+    (after the prior); two secondary summaries of the paper describe ``s = argmax_m P(mu_m | x)`` gated on
+    ``P(mu_s | x)`` (before the prior), which is the same while the prior is the identity.
     """
 
     name = "bca"
