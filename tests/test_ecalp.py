@@ -104,3 +104,25 @@ def test_the_twin_propagates_over_a_duplicate_of_the_current_image():
         y = w[c:] @ torch.cat([torch.eye(c), y])
     assert torch.allclose(got, y[-1] / y[-1].sum(), atol=1e-5)
     assert m.n == 1  # the twin is gone after the prediction
+
+
+
+@pytest.mark.parametrize("neighbour_class", [1, 0])
+def test_the_new_image_takes_its_image_neighbours_label_over_its_own_zero_shot_label(neighbour_class):
+    """Why ECALP can lose to zero-shot on a sparse stream: with gamma = 10 the edges to near-identical earlier
+    images outweigh the text edges, so a new image whose nearest earlier images are (confidently) of another class
+    takes their label; when its neighbours share its zero-shot class it keeps it.  Default hyperparameters."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.eye(3)
+    new = F.normalize(torch.tensor([0.52, 0.48, 0.0]), dim=0)  # zero-shot: class 0 (cosine 0.73 vs 0.68)
+    far = F.normalize(torch.tensor([0.75, 0.0, 0.66]) + 0.02 * torch.randn(20, 3, generator=g), dim=-1)  # class 0
+    centre = torch.tensor([0.46, 0.54, 0.0]) if neighbour_class == 1 else torch.tensor([0.54, 0.46, 0.0])
+    near = F.normalize(centre + 0.01 * torch.randn(20, 3, generator=g), dim=-1)
+    assert ((far @ text.t()).argmax(-1) == 0).all() and ((near @ text.t()).argmax(-1) == neighbour_class).all()
+    stream = torch.cat([far, near])[torch.randperm(40, generator=g)]
+    m = _bound(text)
+    for i in range(stream.shape[0]):
+        m.predict_features(stream[i:i + 1])
+    assert int((new @ text.t()).argmax()) == 0
+    probs = m.predict_features(new[None])
+    assert int(probs.argmax()) == neighbour_class and float(probs.max()) > 0.54
