@@ -25,6 +25,22 @@ def householder_penalty(text: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).mean()
 
 
+def pairwise_penalty(text: torch.Tensor) -> torch.Tensor:
+    """The paper's form as restated by SoC, written out: sum over ordered class pairs i != j of cos^2(t_i, t_j)."""
+    return sum((text[i] @ text[j]) ** 2 for i in range(len(text)) for j in range(len(text)) if i != j)
+
+
+def test_orthogonality_penalty_is_the_paper_form_by_default():
+    text = torch.nn.functional.normalize(torch.randn(7, 16, dtype=torch.float64), dim=-1).requires_grad_(True)
+    ours, direct = orthogonality_penalty(text), pairwise_penalty(text)
+    torch.testing.assert_close(ours, direct)
+    torch.testing.assert_close(torch.autograd.grad(ours, text)[0], torch.autograd.grad(direct, text)[0])
+    unnormalised = 2 * text.detach()  # the form is ||G - I||_F^2 over all entries: the diagonal counts too
+    gram = unnormalised @ unnormalised.t()
+    assert float(orthogonality_penalty(unnormalised)) == pytest.approx(float(((gram - torch.eye(7)) ** 2).sum()))
+    assert float(orthogonality_penalty(torch.eye(4))) == 0.0
+
+
 def test_orthogonality_penalty_is_the_official_construction():
     text = torch.nn.functional.normalize(torch.randn(7, 16, dtype=torch.float64), dim=-1).requires_grad_(True)
     ours, theirs = orthogonality_penalty(text, "code"), householder_penalty(text)
@@ -35,7 +51,8 @@ def test_orthogonality_penalty_is_the_official_construction():
     assert float(orthogonality_penalty(torch.eye(4), "code")) == 0.0 == float(orthogonality_penalty(torch.eye(4), "frobenius"))
 
 
-@pytest.mark.parametrize("name,options", [("otpt", {}), ("otpt", {"orthogonality": "frobenius", "steps": 2}),
+@pytest.mark.parametrize("name,options", [("otpt", {}), ("otpt", {"orthogonality": "code", "steps": 2}),
+                                          ("otpt", {"orthogonality": "frobenius"}),
                                           ("rtpt", {}), ("rtpt", {"steps": 2, "neighbours": 3})])
 def test_fast_path_equals_the_straightforward_formulation(tiny_backbone, name, options):
     images = [random_images(8, 0), random_images(8, 1)]
@@ -50,8 +67,10 @@ def test_otpt_loss_and_its_effect(tiny_backbone):
     method = bound_method("otpt", tiny_backbone, CLASSES, n_views=16)
     logits, text = torch.randn(6, len(CLASSES)), torch.nn.functional.normalize(torch.randn(len(CLASSES), 32), dim=-1)
     mean = logits.softmax(-1).mean(0)
-    expected = -(mean * mean.log()).sum() + 18.0 * householder_penalty(text)
+    expected = -(mean * mean.log()).sum() + 18.0 * pairwise_penalty(text)
     torch.testing.assert_close(method.loss(logits, text), expected)
+    code = bound_method("otpt", tiny_backbone, CLASSES, n_views=16, orthogonality="code", otpt_lambda=2.0)
+    torch.testing.assert_close(code.loss(logits, text), -(mean * mean.log()).sum() + 2.0 * householder_penalty(text))
     penalty = {}
     for lam in (0.0, 1000.0):
         tuned = bound_method("otpt", tiny_backbone, CLASSES, n_views=16, otpt_lambda=lam, lr=0.05)
@@ -87,7 +106,9 @@ def test_rtpt_loss_weights_and_prediction(tiny_backbone):
 def test_paper_settings():
     otpt, rtpt = get_method_class("otpt"), get_method_class("rtpt")
     assert otpt.defaults()["otpt_lambda"] == 18.0 and otpt.defaults()["augmentation"] == "augmix"
+    assert otpt.defaults()["orthogonality"] == "paper"
     assert otpt.options_for("imagenet_r") == {"otpt_lambda": 2.0} and otpt.options_for("dtd") == {"otpt_lambda": 18.0}
+    assert otpt.options_for("imagenet") == {"otpt_lambda": 18.0, "augmentation": "rrc_flip"}  # its fine-grained script
     assert (rtpt.defaults()["neighbours"], rtpt.defaults()["temperature"], rtpt.defaults()["lr"]) == (20, 0.01, 5e-3)
     assert rtpt.options_for("dtd") == {"augmentation": "augmix"} and rtpt.options_for("imagenet_a") == {}
     with pytest.raises(ValueError, match="orthogonality"):

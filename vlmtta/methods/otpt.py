@@ -8,23 +8,25 @@ from ..prompt_learner import DEFAULT_CTX_INIT
 from .base import register
 from .tpt import FINE_GRAINED, NATURAL_SHIFT, TPT
 
-ORTHOGONALITY_FORMS = ("code", "frobenius")
+ORTHOGONALITY_FORMS = ("paper", "code", "frobenius")
 
 
-def orthogonality_penalty(text_features: torch.Tensor, form: str = "code") -> torch.Tensor:
+def orthogonality_penalty(text_features: torch.Tensor, form: str = "paper") -> torch.Tensor:
     """How far the normalised class text features [C, D] are from orthonormal, through their Gram matrix ``G``.
 
-    ``code``: ``mean_c | ||G_c|| - 1 |`` over the rows ``G_c``, the value of the official code's construction
-    (a Householder reflection of each row ``G_c`` onto ``||G_c|| e_c``, minus the identity, row norms averaged);
-    since ``G_cc = 1`` it is ``mean_c sqrt(1 + sum_{k != c} cos^2(t_c, t_k)) - 1``.  ``frobenius``:
-    ``||G - I||_F``, the plain orthogonality penalty.
+    ``paper``: ``||G - I||_F^2``, the squared Frobenius norm summed over all C x C entries; with unit-norm rows the
+    diagonal vanishes, so it is ``sum_{i != j} cos^2(t_i, t_j)`` (no mean, no square root).  ``code``:
+    ``mean_c | ||G_c|| - 1 |`` over the rows ``G_c``, the value of the official code's construction (a Householder
+    reflection of each row ``G_c`` onto ``||G_c|| e_c``, minus the identity, row norms averaged); since
+    ``G_cc = 1`` it is ``mean_c sqrt(1 + sum_{k != c} cos^2(t_c, t_k)) - 1``.  ``frobenius``: ``||G - I||_F``.
     """
     gram = text_features @ text_features.t()
     if form == "code":
         return (torch.linalg.vector_norm(gram, dim=-1) - 1).abs().mean()
-    if form == "frobenius":
-        return torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype))
-    raise ValueError(f"Unknown orthogonality form {form!r}; accepted: {', '.join(ORTHOGONALITY_FORMS)}.")
+    if form not in ("paper", "frobenius"):
+        raise ValueError(f"Unknown orthogonality form {form!r}; accepted: {', '.join(ORTHOGONALITY_FORMS)}.")
+    residual = gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+    return residual.square().sum() if form == "paper" else torch.linalg.matrix_norm(residual)
 
 
 @register
@@ -33,25 +35,33 @@ class OTPT(TPT):
 
     Loss = marginal entropy of the confident views + ``otpt_lambda`` x ``orthogonality_penalty(text)``; all else
     is TPT's (64 views, ratio 0.1, one AdamW step at lr 5e-3, "a photo of a" context, truncated text context).
-    Defaults follow the official scripts: AugMix views on every set (``--I_augmix`` on the ImageNet family),
-    lambda 18 on the fine-grained sets and 2 on natural shift (``dataset_defaults``).
+    Per-dataset settings follow the official scripts, which split the sets as the paper's tables do: ImageNet
+    and the fine-grained sets take lambda 18, the natural-shift variants (-A, -V2, -R, -Sketch) lambda 2
+    (``dataset_defaults``); AugMix views everywhere except ImageNet itself, which the fine-grained script runs
+    without ``--I_augmix`` (random resized crops + flips, TPT's ImageNet views).
 
-    The paper's own equation could not be read while writing this (only its abstract and project page:
-    "orthogonality constraints on the textual features").  The default penalty is what the released code
-    computes (``orthogonality="code"``, see ``orthogonality_penalty``); ``"frobenius"`` is the textbook
-    ``||T T^T - I||_F``, offered as an option, not confirmed as the paper's.
+    Penalty (``orthogonality``): the default ``"paper"`` is ``||T T^T - I||_F^2`` over the C normalised class
+    text features (= the sum over class pairs i != j of cos^2).  The paper's text could not be read here; this
+    form is the paper's equation as restated by a later paper that analyses it (Fillioux et al., SoC, CVPR 2026:
+    ``L_ortho = ||S - I_K||_F^2 = sum_{i != j} s_ij^2``).  The released code computes something else with the
+    same lambda: ``"code"``, the mean over classes of ``| ||row of T T^T|| - 1 |`` from its Householder
+    construction (use it to reproduce the released numbers: the scripts' lambda 18 / 2 ran with it).  The sum
+    grows with C^2 (its gradient with C), so at 1000 classes the penalty dominates the one AdamW step's
+    direction; under CUDA fp16 the first steps may overflow and be skipped until the gradient scaler backs off.
+    ``"frobenius"`` = ``||T T^T - I||_F`` (not squared).
     """
 
     name = "otpt"
     summary = "O-TPT: TPT plus an orthogonality penalty on the class text features (better calibration)."
     paper = ("Sharifdeen et al., O-TPT: Orthogonality Constraints for Calibrating Test-time Prompt Tuning in "
              "Vision-Language Models, CVPR 2025")
-    dataset_defaults = {**{name: {"otpt_lambda": 18.0} for name in FINE_GRAINED},
-                        **{name: {"otpt_lambda": 2.0} for name in NATURAL_SHIFT}}
+    dataset_defaults = {**{name: {"otpt_lambda": 2.0} for name in NATURAL_SHIFT},
+                        **{name: {"otpt_lambda": 18.0} for name in FINE_GRAINED},
+                        "imagenet": {"otpt_lambda": 18.0, "augmentation": "rrc_flip"}}
 
     def __init__(self, n_views: int = 64, augmentation: str = "augmix", steps: int = 1, lr: float = 5e-3,
                  confidence_ratio: float = 0.1, n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT,
-                 coop_ctx: str | None = None, otpt_lambda: float = 18.0, orthogonality: str = "code",
+                 coop_ctx: str | None = None, otpt_lambda: float = 18.0, orthogonality: str = "paper",
                  reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0):
         super().__init__(n_views=n_views, augmentation=augmentation, steps=steps, lr=lr,
                          confidence_ratio=confidence_ratio, n_ctx=n_ctx, ctx_init=ctx_init, coop_ctx=coop_ctx,
