@@ -37,6 +37,15 @@ def _classes(text: str) -> str | list[str]:
     return text
 
 
+def _batch_images(text: str) -> int | str:
+    from .bench import check_batch_images
+
+    try:
+        return check_batch_images(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _count(minimum: int = 1):
     """An argparse type: a whole number >= ``minimum``."""
     def parse(text: str) -> int:
@@ -163,7 +172,12 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--limit", type=_count(), default=None, help="only the first N images of each stream")
     bench.add_argument("--batch-size", type=_count(), default=64,
                        help="images per adaptation step of batch methods (subtta, tent, sar, deyo, batclip, watt, "
-                            "clipartt; default: %(default)s, as their papers); other methods take one image at a time")
+                            "clipartt; default: %(default)s, as their papers)")
+    bench.add_argument("--batch-images", type=_batch_images, default="auto",
+                       help="images adapted at once by episodic methods (tpt, zero, mta, sts, ...), with the same "
+                            "results as one at a time; auto (default): 32 on view features, on CUDA up to 32 by "
+                            "free memory, 1 for methods that encode their views on CPU; online methods take one "
+                            "image at a time")
     bench.add_argument("--checkpoint-every", type=_count(), default=500)
     bench.add_argument("--workers", type=_count(), default=2, help="image-loading threads")
     bench.add_argument("--force", action="store_true", help="recompute finished results")
@@ -273,7 +287,8 @@ def _bench_testbed(args: argparse.Namespace) -> int:
     progress = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
     severity = _one_severity(args.severity)
     result = run_suite(methods, severity, args.n_per_corruption, args.seed, order=order, options=options,
-                       backbone=backbone, device=args.device, progress=progress, batch_size=args.batch_size)
+                       backbone=backbone, device=args.device, progress=progress, batch_size=args.batch_size,
+                       batch_images=args.batch_images)
     folder = Path(args.results) / "testbed"
     save_suite(result, folder, options)
     print(format_table(result, {"md": "markdown", "csv": "csv"}.get(args.table, "text")))
@@ -397,7 +412,7 @@ def _bench(args: argparse.Namespace) -> int:
                   augmentation=args.augmentation, cache_dir=args.cache_dir, tag=args.tag, limit=args.limit,
                   checkpoint_every=args.checkpoint_every, workers=args.workers, progress=not args.no_progress,
                   force=args.force, precision=args.precision, reset_between=args.reset_between or "never",
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, batch_images=args.batch_images)
     if args.features:
         if args.continual:
             raise ValueError("--continual streams datasets (--root, --datasets), not a features file.")
