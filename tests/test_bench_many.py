@@ -159,3 +159,26 @@ def test_testbed_suite_batches_episodic_methods():
         np.testing.assert_allclose(many.cells[name]["gaussian_noise"].samples.probs,
                                    one.cells[name]["gaussian_noise"].samples.probs, rtol=0, atol=1e-6)
     assert many.protocol["methods"]["zero"]["batch_images"] == 4 and "batch_images" not in many.protocol["methods"]["tda"]
+
+
+def test_images_per_second_mode(tiny_model_dir, tiny_backbone, capsys, tmp_path):
+    """Every entry streams the whole synthetic stream at every B (counted by the encoder), next to encode-only."""
+    from vlmtta.speed import run_images_per_second
+
+    before = tiny_backbone.counters["images_encoded"]
+    result = run_images_per_second(methods=["zeroshot", "tda"], n_views=4, n_classes=20, batch_images=[2, 1],
+                                   n_images=4, backbone=tiny_backbone)
+    encoded = tiny_backbone.counters["images_encoded"] - before
+    assert encoded == 3 * 4 * ((1 + 4) + (2 + 4))  # 3 entries x 4 views x (warm-up step + stream) per B
+    rows = {(r["entry"], r["batch_images"]): r for r in result["rows"]}
+    assert list(rows) == [(e, b) for b in (1, 2) for e in ("encode 4 views", "zeroshot", "tda")]
+    assert all(rows["encode 4 views", b]["x_encode"] == 1.0 for b in (1, 2))
+    assert all(r["images_per_s"] > 0 and r["x_encode"] > 0 for r in rows.values())
+    output = tmp_path / "ips.json"
+    assert main(["bench-speed", "--images-per-second", "--model", tiny_model_dir, "--device", "cpu", "--n-views", "2",
+                 "--n-classes", "10", "--methods", "zero", "--batch-images", "1,3", "--n-images", "3", "--repeats", "1",
+                 "--output", str(output)]) == 0
+    table = capsys.readouterr().out
+    assert "| method | B | device | images/s | x encode-only |" in table and "| zero | 3 | cpu |" in table
+    assert json.loads(output.read_text())["protocol"]["n_images"] == 3
+    assert main(["bench-speed", "--images-per-second", "--batch-images", "1,x"]) == 2

@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=int, default=5)
     speed.add_argument("--warmup", type=int, default=1)
     speed.add_argument("--output", default=None, help="write the JSON result here")
+    speed.add_argument("--images-per-second", action="store_true",
+                       help="stream synthetic images through Adapter.step_many B at a time and report images/s per "
+                            "method and B, and its ratio to encoding the same views alone (instead of per-image "
+                            "latency)")
+    speed.add_argument("--batch-images", default="1,8,32", help="--images-per-second: images per step, comma-separated "
+                       "(default: %(default)s)")
+    speed.add_argument("--n-images", type=_count(), default=None,
+                       help="--images-per-second: stream length (default: twice the largest --batch-images)")
     _add_bench_parser(commands)
     _add_demo_parser(commands)
     _add_generate_parser(commands)
@@ -383,9 +391,27 @@ def _bench_speed(args: argparse.Namespace) -> int:
     if args.output:
         ensure_writable_file(args.output, "Output file")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    if args.images_per_second:
+        return _images_per_second(args, methods)
     result = run_speed_benchmark(args.model, args.pretrained, methods, n_views=args.n_views, n_classes=args.n_classes,
                                  device=args.device, repeats=args.repeats, warmup=args.warmup)
     print(format_table(result))
+    if args.output:
+        save_result(result, args.output)
+    return 0
+
+
+def _images_per_second(args: argparse.Namespace, methods: list[str] | None) -> int:
+    from .speed import format_images_table, run_images_per_second, save_result
+
+    try:
+        sizes = [int(b) for b in args.batch_images.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--batch-images takes whole numbers separated by commas, got {args.batch_images!r}.") from None
+    result = run_images_per_second(args.model, args.pretrained, methods, n_views=args.n_views,
+                                   n_classes=args.n_classes, batch_images=sizes, n_images=args.n_images,
+                                   device=args.device, repeats=args.repeats, warmup=args.warmup)
+    print(format_images_table(result))
     if args.output:
         save_result(result, args.output)
     return 0
