@@ -6,7 +6,8 @@ backbone=<vlmtta-testbed>, seed=seed)`` fed a fixed, seeded subset of the test s
 each image's views are made (``vlmtta.views.make_views``, the seed ``Adapter.step`` would use) and
 encoded once per view configuration, then reused by every such method.  Batch methods (SubTTA, Tent,
 SAR, DeYO, BATCLIP, WATT, CLIPArTT) take the stream ``batch_size`` original views at a time (their
-papers' protocol) and are reset at the start of each corruption's stream (one domain).  Labels are read by the
+papers' protocol) and are reset at the start of each corruption's stream (one domain); episodic methods take
+``batch_images`` images per step (``vlmtta.bench``'s option, same results).  Labels are read by the
 metric only (and, for the ``dirichlet`` order, to build the correlated order, as published
 protocols do).
 """
@@ -409,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--order", default="iid", help="iid (default) or dirichlet[:ALPHA] (vlmtta.streams)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step of batch methods")
+    parser.add_argument("--batch-images", default="auto", help="images per step of episodic methods (same results)")
     parser.add_argument("--severities", action="store_true", help="zero-shot accuracy at every severity instead")
     parser.add_argument("--format", default="text", choices=["text", "markdown", "csv"])
     args = parser.parse_args(argv)
@@ -417,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         methods = args.methods.split(",") if args.methods else None
         result = run_suite(methods, args.severity, args.n_per_corruption, args.seed, order=args.order,
-                           progress=lambda line: print(line, flush=True), batch_size=args.batch_size)
+                           progress=lambda line: print(line, flush=True), batch_size=args.batch_size,
+                           batch_images=args.batch_images)
     print(format_table(result, args.format))
 
 
