@@ -114,3 +114,29 @@ def test_sts_each_image_gets_its_own_adamw_steps(options):
     kept = take_views(views, select_confident(method.logits(views, text), 0.1))
     gammas = method.adapt(kept)  # [B, k_t]: each row equals the coefficients of its image adapted alone
     torch.testing.assert_close(gammas, torch.stack([method.adapt(k) for k in kept]), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("base", ["zeroshot", "te", "zero", "mta", "sts"])
+def test_subclasses_that_change_the_one_image_path_go_image_by_image(base):
+    """A subclass overriding ``predict_features`` (or turning online) must see every image there, not be
+    bypassed by its parent's vectorised step."""
+    from vlmtta.methods import get_method_class
+
+    parent = get_method_class(base)
+    calls = []
+
+    class Recording(parent):
+        def predict_features(self, features):
+            calls.append(features.shape)
+            return super().predict_features(features)
+
+    class Online(parent):
+        episodic = False
+
+    text, views = realistic(b=3, n=8, c=6, d=16)
+    for cls in (Recording, Online):
+        method = cls(n_views=8)
+        method.bind(Context([f"c{i}" for i in range(6)], [], text, 100.0))
+        many = method.predict_features_many(views)
+        torch.testing.assert_close(many, one_at_a_time(bound(base, text, n_views=8), views), rtol=0, atol=1e-6)
+    assert calls == [(8, 16)] * 3

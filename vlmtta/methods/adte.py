@@ -36,6 +36,8 @@ class TE(Method):
         return logits[select_confident(logits, self.ratio, confidence_scores(logits, "tsallis", self.q))].softmax(-1).mean(0)
 
     def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
+        if not self._vectorised_by(TE):
+            return super().predict_features_many(features)
         logits = self.logits(features)  # [B, N, C]: one selection per image
         kept = take_views(logits, select_confident(logits, self.ratio, confidence_scores(logits, "tsallis", self.q)))
         return kept.softmax(-1).mean(-2)

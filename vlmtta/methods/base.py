@@ -164,6 +164,12 @@ class Method:
 
         return torch.stack([self._one_image(lambda v=v, s=s: one(v, s)) for v, s in zip(views, sources)])
 
+    def _vectorised_by(self, owner: type) -> bool:
+        """Whether ``owner``'s vectorised ``predict_features_many`` applies to this object: it is episodic and its
+        ``predict_features`` is still ``owner``'s (a subclass that changes it, or makes the method online, gets
+        the image-by-image default instead)."""
+        return self.episodic and type(self).predict_features is owner.predict_features
+
     def _one_image(self, run) -> torch.Tensor:
         """``run()`` after a reset for episodic methods; its probabilities detached, float32."""
         if self.episodic:
