@@ -298,6 +298,7 @@ def run_bench(spec: BenchSpec, fail_after: int | None = None) -> list[dict[str, 
     for name in ("limit", "checkpoint_every"):
         if getattr(spec, name) is not None and getattr(spec, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(spec, name)}.")
+    check_batch_images(spec.batch_images)
     ensure_writable_dir(spec.results_dir, "Results folder")  # before any work, not after it
     if spec.features is None:
         ensure_writable_dir(spec.cache_dir or default_cache_dir(), "Cache folder (--cache-dir)")
