@@ -85,13 +85,13 @@ def test_multi_view_cache_resumes_after_interrupted_encoding(tree, tiny_model_di
 
 
 def test_resume_after_injected_failure(tree, tiny_model_dir):
-    spec = _spec(tree, tiny_model_dir, ["zeroshot"], checkpoint_every=2)
+    spec = _spec(tree, tiny_model_dir, ["zeroshot"], checkpoint_every=2, batch_images=1)  # one image per step
     with pytest.raises(InjectedFailure):
         run_bench(spec, fail_after=5)
     assert not list((tree / "results").glob("*.json"))  # never a half-written result
     resumed = run_bench(spec)[0]
     assert resumed["resumed_from"] == 4 and resumed["n"] == 12
-    clean = run_bench(_spec(tree, tiny_model_dir, ["zeroshot"], tag="clean"))[0]
+    clean = run_bench(_spec(tree, tiny_model_dir, ["zeroshot"], tag="clean", batch_images=1))[0]
     assert clean["resumed_from"] == 0 and clean["correct"] == resumed["correct"]
     assert resumed["metrics"] == clean["metrics"]  # the checkpointed per-sample record resumes exactly
     assert run_bench(spec)[0]["finished_at"] == resumed["finished_at"]  # finished work is skipped

@@ -18,6 +18,11 @@
 * Batch methods (those with ``predict_batch``: SubTTA, Tent, SAR, DeYO, BATCLIP, WATT, CLIPArTT) take the
   stream ``batch_size`` images at a time (original views only), as their papers do; the result records
   the batch size and the method's reset policy (a dataset stream is one domain: reset at its start).
+* Episodic methods without a batch protocol take ``batch_images`` images per step (``Adapter.adapt_features_many``
+  on cached or file features, ``adapt_views_many`` on views), with results equal to one image at a time; online
+  methods take one image per step (their order is the protocol).  ``batch_images="auto"`` (``auto_batch_images``)
+  picks it per method and device.  The result records it outside its ``config_key``: a run with any
+  ``batch_images`` resumes or skips a run of the same settings with another.
 """
 from __future__ import annotations
 
@@ -89,9 +94,43 @@ class BenchSpec:
     force: bool = False  # recompute finished results
     precision: str = "auto"  # features files: CLIP logits in the file's dtype ("auto"), or "fp32" / "fp16"
     batch_size: int = 64  # methods with a batch protocol (SubTTA, Tent, SAR, ...) adapt on this many images at once
+    batch_images: int | str = "auto"  # episodic methods: images adapted at once (same results); "auto": see below
 
 
 PRECISIONS = ("auto", "fp32", "fp16")
+# ``batch_images="auto"`` (measured on a 2-core CPU, see README "Batched episodic adaptation"): methods that run on
+# view features read them from a cache or file, so a step is cheap and per-image Python overhead dominates;
+# methods that encode their views on CPU are bound by the encoder, which a larger batch does not speed up.
+AUTO_FEATURES_BATCH = 32  # methods on view features, any device
+AUTO_CUDA_MAX = 32  # methods that encode their views, on CUDA: up to this many images ...
+AUTO_CUDA_BYTES_PER_IMAGE = 2 * 2**30  # ... at most one per 2 GiB of free GPU memory (a step that still runs out
+#                                        of memory is retried with half as many images)
+
+
+def auto_batch_images(device: torch.device, on_features: bool) -> int:
+    """Images per step for an episodic method: ``AUTO_FEATURES_BATCH`` on view features; 1 for methods that
+    encode their views on CPU; on CUDA the largest power of two up to ``AUTO_CUDA_MAX`` with
+    ``AUTO_CUDA_BYTES_PER_IMAGE`` of free memory per image."""
+    if on_features:
+        return AUTO_FEATURES_BATCH
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = max(1, int(free // AUTO_CUDA_BYTES_PER_IMAGE))
+    return min(AUTO_CUDA_MAX, 1 << (fits.bit_length() - 1))
+
+
+def check_batch_images(value: int | str) -> int | str:
+    """``value`` as a whole number of images (at least 1) or ``"auto"``; a one-line error otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = int(value)
+        if number < 1 or (isinstance(value, float) and value != number) or isinstance(value, bool):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_images must be a whole number of images (at least 1) or 'auto', got {value!r}.") from None
+    return number
 
 
 def versions() -> dict[str, str]:
@@ -213,6 +252,26 @@ class _Source:
 
         return predict, {"views_from": "images (encoded per method)"}
 
+    def many_predictor(self, adapter: Adapter) -> Callable[[list[int]], torch.Tensor]:
+        """``predict(rows) -> probabilities [len(rows), C]``: episodic adaptation of those images at once, equal to
+        ``predictor`` on each (view features stacked from the file or cache, or the views of each image)."""
+        method = adapter.method
+        if self.file is not None:
+            return lambda rows: adapter.adapt_features_many(torch.stack([self.file.row(i, method.n_views)
+                                                                         for i in rows]))
+        config, seed, name = adapter.view_config, self.spec.seed, self.name
+        if Need.VIEW_FEATURES in method.needs:
+            cache = self.view_cache(config)
+            return lambda rows: adapter.adapt_features_many(torch.stack([cache.row(i) for i in rows]))
+
+        def predict(rows: list[int]) -> torch.Tensor:  # methods that need the images themselves
+            sources = [load_image(self.split.image(i)).to(self.backbone.device) for i in rows]
+            views = torch.stack([make_views(pixels, config, seed=view_seed(seed, name, i))
+                                 for i, pixels in zip(rows, sources)])
+            return adapter.adapt_views_many(views, sources)
+
+        return predict
+
     def view_cache(self, config) -> ViewFeatureCache:
         """The view-feature cache for ``config``, encoding the rows still missing (and any found damaged later)."""
         paths = self.split.relative_paths()
@@ -239,6 +298,7 @@ def run_bench(spec: BenchSpec, fail_after: int | None = None) -> list[dict[str, 
     for name in ("limit", "checkpoint_every"):
         if getattr(spec, name) is not None and getattr(spec, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(spec, name)}.")
+    check_batch_images(spec.batch_images)
     ensure_writable_dir(spec.results_dir, "Results folder")  # before any work, not after it
     if spec.features is None:
         ensure_writable_dir(spec.cache_dir or default_cache_dir(), "Cache folder (--cache-dir)")
@@ -315,15 +375,22 @@ def _run_method(spec: BenchSpec, source: _Source, method: str, order: StreamOrde
     existing = None if spec.force else run.finished()
     if existing is not None and not rerun_finished:
         return existing
+    device = run.adapter.backbone.device if run.adapter.backbone is not None else torch.device("cpu")
+    step = 1
     if is_batch_method(run.adapter):
         predict, view_facts = source.batch_predictor(run.adapter), {"views_from": "images (original view, batched)"}
+        step = max(1, int(spec.batch_size))
     else:
         single, view_facts = source.predictor(run.adapter)
         predict = lambda rows: single(rows[0])[None]  # noqa: E731
-    device = run.adapter.backbone.device if run.adapter.backbone is not None else torch.device("cpu")
+        if run.adapter.method.episodic:
+            step = images_per_step(spec.batch_images, run.adapter, device)
+            view_facts["batch_images"] = step  # not in config_key: results do not depend on it
+            if step > 1:
+                predict = source.many_predictor(run.adapter)
     with peak_memory(device) as memory:
         outcome, samples = _stream(spec, run.adapter, predict, stream, source.labels, run.path, run.key, fail_after,
-                                   reset)
+                                   reset, step)
     result = {"dataset": source.name, "method": method, "tag": run.tag, "model": run.model,
               "pretrained": run.pretrained, "seed": spec.seed, **outcome, "memory": memory_record(device, memory),
               "protocol": {**run.protocol, **view_facts}, "config_key": run.key, "versions": versions(),
@@ -371,6 +438,12 @@ def _warn(message: str) -> None:
     print(f"vlmtta: warning: {message}", file=sys.stderr)
 
 
+def images_per_step(batch_images: int | str, adapter: Adapter, device: torch.device) -> int:
+    """How many images an episodic method adapts at once: ``batch_images``, or ``auto_batch_images``'s choice."""
+    value = check_batch_images(batch_images)
+    return auto_batch_images(device, Need.VIEW_FEATURES in adapter.method.needs) if value == "auto" else value
+
+
 def is_batch_method(adapter: Adapter) -> bool:
     """Whether the adapter's method has a batch protocol (``predict_batch``) and runs on images."""
     return hasattr(adapter.method, "predict_batch") and adapter.backbone is not None
@@ -394,34 +467,45 @@ def _resume(ckpt_path: Path, key: str) -> tuple[Samples | None, float]:
 
 def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[list[int]], torch.Tensor], stream: list[int],
             labels: list[int], path: Path, key: str, fail_after: int | None,
-            reset: bool = True) -> tuple[dict[str, Any], Samples]:
-    """Feed the stream (one image, or ``batch_size`` for batch methods, per step; an episodic stream resumes from
-    its checkpoint); its timing and per-sample record.  Latency is per image (a batch's time divided by its size).
-    ``reset``: start from a fresh adapter state (a continual run keeps the state of the previous domain)."""
+            reset: bool = True, step: int = 1) -> tuple[dict[str, Any], Samples]:
+    """Feed the stream ``step`` images per step (one for online methods, ``batch_size`` for batch methods,
+    ``batch_images`` for episodic ones; an episodic stream resumes from its checkpoint, whatever its step was);
+    its timing and per-sample record.  Latency is per image (a step's time divided by its images).  An episodic
+    step of several images that runs out of GPU memory is retried with half as many (episodic results do not
+    depend on the step).  ``reset``: start from a fresh adapter state (a continual run keeps the state of the
+    previous domain)."""
     from tqdm.auto import tqdm
 
     episodic, ckpt_path = adapter.method.episodic, _checkpoint_path(path)
     done, wall_s = _resume(ckpt_path, key) if episodic else (None, 0.0)
     recorder = Recorder(start=done)
-    resumed_from, start = len(recorder), time.perf_counter()
-    step = max(1, int(spec.batch_size)) if is_batch_method(adapter) else 1
+    resumed_from, start, first_step = len(recorder), time.perf_counter(), step
     if reset:
         adapter.reset()
     correct = int(done.correct.sum()) if done is not None else 0
     bar = tqdm(total=len(stream), initial=resumed_from, desc=f"{adapter.method.name} {path.name.split('__')[0]}",
                unit="img", disable=not spec.progress)
     try:
-        for pos in range(resumed_from, len(stream), step):
+        pos = resumed_from
+        while pos < len(stream):
             rows = stream[pos:pos + step]
             tick = time.perf_counter()
-            probs = predict(rows)
+            try:
+                probs = predict(rows)
+            except torch.OutOfMemoryError:
+                if not episodic or is_batch_method(adapter) or len(rows) == 1:
+                    raise
+                step = max(1, len(rows) // 2)
+                _free_device_memory()
+                _warn(f"{adapter.method.name}: out of memory at {len(rows)} images per step; retrying with {step}.")
+                continue
             latency = 1000 * (time.perf_counter() - tick) / len(rows)
             for index, row in zip(rows, probs):
                 label = labels[index]  # labels: metric only
                 recorder.add(row, label, latency, index)
                 correct += int(int(row.argmax()) == label)
             bar.update(len(rows))
-            done = pos + len(rows)
+            pos = done = pos + len(rows)
             if done % 50 < len(rows) or done == len(stream):
                 bar.set_postfix(acc=f"{100 * correct / done:.2f}%", refresh=False)
             if episodic and done % spec.checkpoint_every < len(rows):
@@ -435,7 +519,13 @@ def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[list[int]], to
         raise ValueError("The stream is empty: no images to evaluate.")
     samples = recorder.samples()
     latency = samples.latency_ms.astype(float)
-    return {"resumed_from": resumed_from,
+    reduced = {"batch_images_reduced_to": step} if step != first_step else {}
+    return {"resumed_from": resumed_from, **reduced,
             "timing": {"wall_s": wall_s + time.perf_counter() - start,
                        "latency_ms_mean": float(latency.mean()), "latency_ms_median": float(np.median(latency)),
                        "latency_ms_p90": float(np.percentile(latency, 90))}}, samples
+
+
+def _free_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -37,6 +37,15 @@ def _classes(text: str) -> str | list[str]:
     return text
 
 
+def _batch_images(text: str) -> int | str:
+    from .bench import check_batch_images
+
+    try:
+        return check_batch_images(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _count(minimum: int = 1):
     """An argparse type: a whole number >= ``minimum``."""
     def parse(text: str) -> int:
@@ -97,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=int, default=5)
     speed.add_argument("--warmup", type=int, default=1)
     speed.add_argument("--output", default=None, help="write the JSON result here")
+    speed.add_argument("--images-per-second", action="store_true",
+                       help="stream synthetic images through Adapter.step_many B at a time and report images/s per "
+                            "method and B, and its ratio to encoding the same views alone (instead of per-image "
+                            "latency)")
+    speed.add_argument("--batch-images", default="1,8,32", help="--images-per-second: images per step, comma-separated "
+                       "(default: %(default)s)")
+    speed.add_argument("--n-images", type=_count(), default=None,
+                       help="--images-per-second: stream length (default: twice the largest --batch-images)")
     _add_bench_parser(commands)
     _add_demo_parser(commands)
     _add_generate_parser(commands)
@@ -163,7 +180,12 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--limit", type=_count(), default=None, help="only the first N images of each stream")
     bench.add_argument("--batch-size", type=_count(), default=64,
                        help="images per adaptation step of batch methods (subtta, tent, sar, deyo, batclip, watt, "
-                            "clipartt; default: %(default)s, as their papers); other methods take one image at a time")
+                            "clipartt; default: %(default)s, as their papers)")
+    bench.add_argument("--batch-images", type=_batch_images, default="auto",
+                       help="images adapted at once by episodic methods (tpt, zero, mta, sts, ...), with the same "
+                            "results as one at a time; auto (default): 32 on view features, on CUDA up to 32 by "
+                            "free memory, 1 for methods that encode their views on CPU; online methods take one "
+                            "image at a time")
     bench.add_argument("--checkpoint-every", type=_count(), default=500)
     bench.add_argument("--workers", type=_count(), default=2, help="image-loading threads")
     bench.add_argument("--force", action="store_true", help="recompute finished results")
@@ -273,7 +295,8 @@ def _bench_testbed(args: argparse.Namespace) -> int:
     progress = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
     severity = _one_severity(args.severity)
     result = run_suite(methods, severity, args.n_per_corruption, args.seed, order=order, options=options,
-                       backbone=backbone, device=args.device, progress=progress, batch_size=args.batch_size)
+                       backbone=backbone, device=args.device, progress=progress, batch_size=args.batch_size,
+                       batch_images=args.batch_images)
     folder = Path(args.results) / "testbed"
     save_suite(result, folder, options)
     print(format_table(result, {"md": "markdown", "csv": "csv"}.get(args.table, "text")))
@@ -368,9 +391,27 @@ def _bench_speed(args: argparse.Namespace) -> int:
     if args.output:
         ensure_writable_file(args.output, "Output file")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    if args.images_per_second:
+        return _images_per_second(args, methods)
     result = run_speed_benchmark(args.model, args.pretrained, methods, n_views=args.n_views, n_classes=args.n_classes,
                                  device=args.device, repeats=args.repeats, warmup=args.warmup)
     print(format_table(result))
+    if args.output:
+        save_result(result, args.output)
+    return 0
+
+
+def _images_per_second(args: argparse.Namespace, methods: list[str] | None) -> int:
+    from .speed import format_images_table, run_images_per_second, save_result
+
+    try:
+        sizes = [int(b) for b in args.batch_images.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--batch-images takes whole numbers separated by commas, got {args.batch_images!r}.") from None
+    result = run_images_per_second(args.model, args.pretrained, methods, n_views=args.n_views,
+                                   n_classes=args.n_classes, batch_images=sizes, n_images=args.n_images,
+                                   device=args.device, repeats=args.repeats, warmup=args.warmup)
+    print(format_images_table(result))
     if args.output:
         save_result(result, args.output)
     return 0
@@ -397,7 +438,7 @@ def _bench(args: argparse.Namespace) -> int:
                   augmentation=args.augmentation, cache_dir=args.cache_dir, tag=args.tag, limit=args.limit,
                   checkpoint_every=args.checkpoint_every, workers=args.workers, progress=not args.no_progress,
                   force=args.force, precision=args.precision, reset_between=args.reset_between or "never",
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, batch_images=args.batch_images)
     if args.features:
         if args.continual:
             raise ValueError("--continual streams datasets (--root, --datasets), not a features file.")

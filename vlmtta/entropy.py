@@ -40,13 +40,22 @@ def confident_count(n_views: int, ratio: float) -> int:
 
 
 def select_confident(logits: torch.Tensor, ratio: float, scores: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the ``ratio`` most confident views, lowest score first.
+    """Indices of the ``ratio`` most confident views, lowest score first: [K] from ``logits`` [N, C], or [B, K]
+    (one selection per image) from [B, N, C].
 
-    ``scores`` defaults to the Shannon entropy of each row of ``logits`` [N, C]; any other
+    ``scores`` ([N] or [B, N]) defaults to the Shannon entropy of each row of ``logits``; any other
     per-view uncertainty (e.g. a Tsallis entropy) can be passed instead.
     """
     scores = shannon_entropy(logits) if scores is None else scores
-    return torch.argsort(scores, stable=True)[: confident_count(logits.shape[0], ratio)]
+    return torch.argsort(scores, dim=-1, stable=True)[..., : confident_count(logits.shape[-2], ratio)]
+
+
+def take_views(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``indices`` of each image's views: ``values`` [N, ...] with [K] -> [K, ...], or [B, N, ...] with
+    [B, K] -> [B, K, ...] (``select_confident``'s output)."""
+    if indices.ndim == 1:
+        return values[indices]
+    return values[torch.arange(values.shape[0], device=values.device)[:, None], indices]
 
 
 def tsallis_entropy(logits: torch.Tensor, q: float | torch.Tensor, dim: int = -1) -> torch.Tensor:

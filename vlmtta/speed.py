@@ -170,6 +170,91 @@ def _encode_row(backbone: FrozenCLIP, image: torch.Tensor, n_views: int, repeats
     return {"entry": f"encode {n_views} views", "n_views": n_views, "latency_ms": 1000 * seconds, **memory}
 
 
+def synthetic_stream(n_images: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """``n_images`` random 500x375 RGB images (uint8 [3, 375, 500]), each different, on ``device``."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=generator).to(device)
+            for _ in range(n_images)]
+
+
+def run_images_per_second(
+    model: str = "ViT-B-16",
+    pretrained: str | None = None,
+    methods: Sequence[str] | None = None,
+    n_views: int = 64,
+    n_classes: int = 1000,
+    batch_images: Sequence[int] = (1, 8, 32),
+    n_images: int | None = None,
+    device: str = "auto",
+    repeats: int = 1,
+    warmup: int = 1,
+    backbone: FrozenCLIP | None = None,
+    method_options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Images/s of a synthetic stream of ``n_images`` (default ``2 * max(batch_images)``) fed ``B`` images per
+    ``Adapter.step_many`` call, for each method and each ``B``; next to the images/s of only making and encoding
+    the same views ``B`` images per batch (``encode N views``).  ``x_encode`` = method images/s / encode-only
+    images/s at the same ``B`` (1.0: adaptation costs nothing on top of the encoder).
+
+    Each figure is the median over ``repeats`` passes over the stream, after ``warmup`` untimed steps; the
+    entries are timed in turn within each pass (interleaved), so a changing machine load affects them alike.
+    """
+    sizes = sorted({int(b) for b in batch_images})
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"batch_images must be whole numbers of images, at least 1; got {list(batch_images)}.")
+    n_images = 2 * sizes[-1] if n_images is None else int(n_images)
+    if n_images < 1 or repeats < 1 or warmup < 0:
+        raise ValueError("n_images and repeats must be at least 1, warmup at least 0.")
+    backbone = backbone or load_backbone(model, pretrained, device)
+    classes = benchmark_classnames(n_classes)
+    stream = synthetic_stream(n_images, backbone.device)
+    config = create_method("zeroshot", n_views=n_views).view_config(backbone)
+
+    def encode(images: list[torch.Tensor], first: int) -> None:
+        views = torch.stack([make_views(image, config, view_seed(0, first + k)) for k, image in enumerate(images)])
+        backbone.encode_images(views.flatten(0, 1))
+
+    entries: dict[str, Callable[[list[torch.Tensor], int], Any]] = {f"encode {n_views} views": encode}
+    for name in methods or method_names():
+        options = _view_options(name, n_views) | _random_reward(name, backbone) | (method_options or {}).get(name, {})
+        adapter = Adapter(classes, name, backbone=backbone, **options)
+        entries[name] = lambda images, first, adapter=adapter: adapter.step_many(images)
+    times: dict[tuple[str, int], list[float]] = {(e, b): [] for e in entries for b in sizes}
+    for b in sizes:
+        for fn in entries.values():
+            for k in range(warmup):
+                fn(stream[:b], n_images + k * b)
+    for _ in range(repeats):
+        for b in sizes:
+            for entry, fn in entries.items():
+                times[entry, b].append(median_seconds(lambda: [fn(stream[i:i + b], i) for i in range(0, n_images, b)],
+                                                      backbone.device, 1))
+    rows = []
+    for b in sizes:
+        base = n_images / statistics.median(times[next(iter(entries)), b])
+        for entry in entries:
+            rate = n_images / statistics.median(times[entry, b])
+            rows.append({"entry": entry, "batch_images": b, "images_per_s": rate, "x_encode": rate / base})
+    return {"protocol": {**backbone.describe(), "n_classes": n_classes, "n_views": n_views, "n_images": n_images,
+                         "repeats": repeats, "warmup": warmup, "torch": torch.__version__,
+                         "threads": torch.get_num_threads(), "image": "random 500x375 RGB, one per stream position",
+                         "mode": "images per second (Adapter.step_many)"},
+            "rows": rows}
+
+
+def format_images_table(result: dict[str, Any]) -> str:
+    """Markdown table of a ``run_images_per_second`` result, with its protocol line."""
+    p = result["protocol"]
+    lines = [f"{p['model']} ({p['pretrained'] or 'random weights'}), {p['device']} {p['precision']}, "
+             f"{p['n_classes']} classes, {p['n_views']} views, {p['n_images']} images, median of {p['repeats']}, "
+             f"torch {p['torch']}, {p['threads']} threads",
+             "", "| method | B | device | images/s | x encode-only |", "|---|---:|---|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['entry']} | {row['batch_images']} | {p['device']} | {row['images_per_s']:.3g} "
+                     f"| {row['x_encode']:.2f} |")
+    return "\n".join(lines)
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Markdown table of a ``run_speed_benchmark`` result, with its protocol line."""
     p = result["protocol"]

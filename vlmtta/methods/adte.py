@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ..entropy import ADTE_FORMS, confidence_scores, confident_count, select_confident
+from ..entropy import ADTE_FORMS, confidence_scores, confident_count, select_confident, take_views
 from .base import Method, register
 
 BIAS_MODES = ("online", "transductive")
@@ -34,6 +34,13 @@ class TE(Method):
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
         return logits[select_confident(logits, self.ratio, confidence_scores(logits, "tsallis", self.q))].softmax(-1).mean(0)
+
+    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
+        if not self._vectorised_by(TE):
+            return super().predict_features_many(features)
+        logits = self.logits(features)  # [B, N, C]: one selection per image
+        kept = take_views(logits, select_confident(logits, self.ratio, confidence_scores(logits, "tsallis", self.q)))
+        return kept.softmax(-1).mean(-2)
 
 
 @register

@@ -164,6 +164,12 @@ class Method:
 
         return torch.stack([self._one_image(lambda v=v, s=s: one(v, s)) for v, s in zip(views, sources)])
 
+    def _vectorised_by(self, owner: type) -> bool:
+        """Whether ``owner``'s vectorised ``predict_features_many`` applies to this object: it is episodic and its
+        ``predict_features`` is still ``owner``'s (a subclass that changes it, or makes the method online, gets
+        the image-by-image default instead)."""
+        return self.episodic and type(self).predict_features is owner.predict_features
+
     def _one_image(self, run) -> torch.Tensor:
         """``run()`` after a reset for episodic methods; its probabilities detached, float32."""
         if self.episodic:
@@ -171,10 +177,11 @@ class Method:
         return run().detach().float()
 
     def logits(self, features: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
-        """CLIP logits ``scale * features @ text.T`` [N, C]."""
+        """CLIP logits ``scale * features @ text.T`` [N, C]; features [B, N, D] give [B, N, C] (text [C, D], or
+        one class set per image [B, C, D])."""
         text = self.context.text_features if text_features is None else text_features
         dtype = self.context.logits_dtype
-        return (self.context.logit_scale * features.to(dtype) @ text.to(dtype).t()).float()
+        return (self.context.logit_scale * features.to(dtype) @ text.to(dtype).mT).float()
 
 
 _REGISTRY: dict[str, type[Method]] = {}

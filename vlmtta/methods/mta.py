@@ -41,40 +41,68 @@ class MTA(Method):
         self.outer_steps, self.inner_steps = int(outer_steps), int(inner_steps)
 
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self._predict_many(features[None])[0]
+
+    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
+        if not self._vectorised_by(MTA):
+            return super().predict_features_many(features)
+        return self._predict_many(features)
+
+    def _predict_many(self, features: torch.Tensor) -> torch.Tensor:
+        """Features [B, N, D] of B images -> [B, C]: one MeanShift per image, run side by side."""
         features = features.float()
         probs = self.logits(features).softmax(dim=-1)
-        mode = self.mode(features, probs @ probs.t())
-        return self.logits(mode[None])[0].softmax(dim=-1)
+        mode = self.mode(features, probs @ probs.mT)
+        return self.logits(mode).softmax(dim=-1)
 
     def mode(self, features: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
-        """The inlierness-weighted MeanShift mode [D] of ``features`` [N, D] (unit norm)."""
-        if features.shape[0] == 1:
-            return features[0]
+        """The inlierness-weighted MeanShift mode [D] of ``features`` [N, D] (unit norm) with view affinities
+        [N, N]; or B modes [B, D] of [B, N, D] with [B, N, N].  Each image's inner loops stop on their own
+        (its updates freeze once one moves less than ``tol``), so B images give what B calls would."""
+        if features.ndim == 2:
+            return self.mode(features[None], affinity[None])[0]
+        if features.shape[1] == 1:
+            return features[:, 0]
         h2 = bandwidths(features, self.knn_ratio)
-        y = torch.full((features.shape[0],), 1.0 / features.shape[0], dtype=features.dtype, device=features.device)
-        mode = features[0]
+        y = torch.full(features.shape[:2], 1.0 / features.shape[1], dtype=features.dtype, device=features.device)
+        mode = features[:, 0]
         for _ in range(self.outer_steps):
             density = kernel(features, mode, h2)
-            for _ in range(self.inner_steps):
-                y, old = F.softmax((density + self.lambda_q * affinity @ y) / self.lambda_y, dim=0), y
-                if torch.linalg.vector_norm(y - old) < self.tol:
-                    break
-            for _ in range(self.inner_steps):
-                weights = kernel(features, mode, h2) * y
-                mode, old = F.normalize(weights @ features / weights.sum(), dim=0), mode
-                if torch.linalg.vector_norm(mode - old) < self.tol:
-                    break
+            # A y as a product and a row sum, not a batched matmul: a row's result then does not depend on B
+            y = self._until_still(y, lambda y: F.softmax((density + self.lambda_q * (affinity * y[:, None, :]).sum(-1))
+                                                         / self.lambda_y, dim=-1))
+            mode = self._until_still(mode, lambda m: F.normalize(
+                _weighted_mean(features, kernel(features, m, h2) * y), dim=-1))
         return mode
+
+    def _until_still(self, value: torch.Tensor, update) -> torch.Tensor:
+        """Apply ``update`` to ``value`` [B, K] up to ``inner_steps`` times; an image's row stops changing after
+        the first update that moves it less than ``tol`` (the per-image loop's ``break``)."""
+        active = torch.ones(value.shape[0], dtype=torch.bool, device=value.device)
+        for _ in range(self.inner_steps):
+            new = update(value)
+            still = torch.linalg.vector_norm(new - value, dim=-1) < self.tol
+            value = torch.where(active[:, None], new, value)
+            active = active & ~still
+            if not bool(active.any()):
+                break
+        return value
+
+
+def _weighted_mean(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i x_i / sum_i w_i`` per image: features [B, N, D], weights [B, N] -> [B, D]."""
+    return (weights[:, None, :] @ features)[:, 0] / weights.sum(dim=-1, keepdim=True)
 
 
 def bandwidths(features: torch.Tensor, knn_ratio: float = 0.3) -> torch.Tensor:
-    """Squared bandwidth per view: half the mean squared distance to its ``int(knn_ratio (N-1))`` nearest others."""
-    k = max(1, int(knn_ratio * (features.shape[0] - 1)))
+    """Squared bandwidth per view: half the mean squared distance to its ``int(knn_ratio (N-1))`` nearest others
+    (features [N, D] -> [N], or [B, N, D] -> [B, N])."""
+    k = max(1, int(knn_ratio * (features.shape[-2] - 1)))
     dist2 = torch.cdist(features, features).square()
-    nearest = dist2.topk(k + 1, dim=1, largest=False).values[:, 1:]  # drop the distance to itself
-    return (0.5 * nearest.mean(dim=1)).clamp_min(1e-12)  # duplicate views: no 0/0
+    nearest = dist2.topk(k + 1, dim=-1, largest=False).values[..., 1:]  # drop the distance to itself
+    return (0.5 * nearest.mean(dim=-1)).clamp_min(1e-12)  # duplicate views: no 0/0
 
 
 def kernel(features: torch.Tensor, mode: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
-    """Gaussian kernel ``exp(-|x_i - mode|^2 / (2 h_i^2))`` of every view [N]."""
-    return torch.exp(-(features - mode).square().sum(dim=-1) / (2 * h2))
+    """Gaussian kernel ``exp(-|x_i - mode|^2 / (2 h_i^2))`` of every view: [N] (or [B, N] for B images)."""
+    return torch.exp(-(features - mode[..., None, :]).square().sum(dim=-1) / (2 * h2))

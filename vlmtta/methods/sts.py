@@ -7,7 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..entropy import check_confidence, confidence_scores, confident_count, marginal_entropy, select_confident
+from ..entropy import (check_confidence, confidence_scores, confident_count, marginal_entropy, select_confident,
+                       take_views)
 from .base import Context, Method, register
 
 STEER_TARGETS = ("text", "image")
@@ -86,40 +87,54 @@ class STS(Method):
         super().bind(context)
 
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self._predict_many(features[None])[0]
+
+    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
+        if not self._vectorised_by(STS):
+            return super().predict_features_many(features)
+        return self._predict_many(features)
+
+    def _predict_many(self, features: torch.Tensor) -> torch.Tensor:
+        """Features [B, N, D] of B images -> [B, C]: B coefficient vectors [B, k_t], one AdamW on all of them
+        (its update is elementwise and each image's loss depends on its own coefficients only)."""
         with torch.inference_mode(False):
             features = features.float().clone()
             logits = self.logits(features, self.text)
-            kept = features[select_confident(logits, self.ratio, confidence_scores(logits, self.confidence, self.q))]
+            kept = take_views(features, select_confident(logits, self.ratio,
+                                                         confidence_scores(logits, self.confidence, self.q)))
             gamma = self.adapt(kept)
             with torch.no_grad():
-                rows = features[:1] if self.predict == "original" else kept
-                return self.steered_logits(rows, gamma).softmax(dim=-1).mean(dim=0)
+                rows = features[:, :1] if self.predict == "original" else kept
+                return self.steered_logits(rows, gamma).softmax(dim=-1).mean(dim=-2)
 
     def adapt(self, kept: torch.Tensor) -> torch.Tensor:
-        """The steering coefficients [k_t] after ``steps`` AdamW steps on the views ``kept``."""
-        gamma = torch.zeros(self.basis_rank, device=kept.device, requires_grad=True)
+        """The steering coefficients [k_t] after ``steps`` AdamW steps on the views ``kept`` [K, D]
+        (or [B, k_t] for B images' views [B, K, D]; the summed loss gives each image its own gradient)."""
+        gamma = torch.zeros(*kept.shape[:-2], self.basis_rank, device=kept.device, requires_grad=True)
         optimizer = torch.optim.AdamW([gamma], lr=self.lr)
         with torch.enable_grad():
             for _ in range(self.steps):
-                loss = self.loss(kept, gamma)
+                loss = self.loss(kept, gamma).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
         return gamma.detach()
 
     def loss(self, kept: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """Marginal entropy of the steered predictions of ``kept`` plus ``lambda_reg * ||B_T gamma||`` (or its square)."""
-        penalty = torch.linalg.vector_norm(self.basis @ gamma)
+        """Marginal entropy of the steered predictions of ``kept`` plus ``lambda_reg * ||B_T gamma||`` (or its
+        square): a scalar, or one loss per image [B] for ``kept`` [B, K, D] and ``gamma`` [B, k_t]."""
+        penalty = torch.linalg.vector_norm(gamma @ self.basis.t(), dim=-1)
         if self.penalty == "squared":
             penalty = penalty.square()
-        return marginal_entropy(self.steered_logits(kept, gamma)) + self.lambda_reg * penalty
+        return marginal_entropy(self.steered_logits(kept, gamma).movedim(-2, 0)) + self.lambda_reg * penalty
 
     def steered_logits(self, features: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """CLIP logits [N, C] with ``Delta = B_T gamma`` added to the prototypes (or the image features)."""
-        delta = self.basis @ gamma
+        """CLIP logits [N, C] with ``Delta = B_T gamma`` added to the prototypes (or the image features);
+        [B, N, C] for B images' features [B, N, D] and coefficients [B, k_t]."""
+        delta = gamma @ self.basis.t()
         if self.steer == "text":
-            return self.logits(features, F.normalize(self.text + delta, dim=-1))
-        return self.logits(F.normalize(features + delta, dim=-1), self.text)
+            return self.logits(features, F.normalize(self.text + delta[..., None, :], dim=-1))
+        return self.logits(F.normalize(features + delta[..., None, :], dim=-1), self.text)
 
 
 @register

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..entropy import check_confidence, confidence_scores, confident_count
+from ..entropy import check_confidence, confidence_scores, confident_count, take_views
 from .base import Method, register
 
 @register
@@ -51,6 +51,35 @@ class Zero(Method):
             rest = order[kept:]
             votes[break_tie(tied, logits[rest] if len(rest) else logits[order])] += 1
         return votes / votes.sum()
+
+    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
+        """``predict_features`` of B images at once: features [B, N, D] -> normalised votes [B, C]."""
+        if not self._vectorised_by(Zero):
+            return super().predict_features_many(features)
+        logits = self.logits(features)
+        b, n, c = logits.shape
+        order = torch.argsort(confidence_scores(logits, self.confidence, self.q), dim=-1, stable=True)
+        kept = confident_count(n, self.ratio)
+        ranked = logits.argmax(dim=-1).gather(1, order)  # each view's prediction, most confident view first
+        votes = torch.zeros(b, c, dtype=logits.dtype, device=logits.device)
+        votes.scatter_add_(1, ranked[:, :kept], torch.ones(b, kept, dtype=logits.dtype, device=logits.device))
+        tied = votes == votes.max(dim=-1, keepdim=True).values
+        broken = tied.sum(dim=-1) > 1
+        if bool(broken.any()):
+            visit = slice(kept, None) if kept < n else slice(None)  # the discarded views (all views if none)
+            winners = break_ties(tied, ranked[:, visit], take_views(logits, order[:, visit][:, :1])[:, 0])
+            rows = broken.nonzero().flatten()
+            votes[rows, winners[rows]] += 1
+        return votes / votes.sum(dim=-1, keepdim=True)
+
+
+def break_ties(tied: torch.Tensor, predictions: torch.Tensor, first_logits: torch.Tensor) -> torch.Tensor:
+    """``break_tie`` for B images: tied classes [B, C], the predictions [B, M] of the views visited in order
+    and the logits [B, C] of the first visited view -> the winning class of each image [B]."""
+    hits = tied.gather(1, predictions)
+    first_hit = predictions.gather(1, hits.int().argmax(dim=-1, keepdim=True))[:, 0]
+    fallback = first_logits.masked_fill(~tied, float("-inf")).argmax(dim=-1)
+    return torch.where(hits.any(dim=-1), first_hit, fallback)
 
 
 def break_tie(tied: torch.Tensor, logits: torch.Tensor) -> int:

@@ -6,7 +6,8 @@ backbone=<vlmtta-testbed>, seed=seed)`` fed a fixed, seeded subset of the test s
 each image's views are made (``vlmtta.views.make_views``, the seed ``Adapter.step`` would use) and
 encoded once per view configuration, then reused by every such method.  Batch methods (SubTTA, Tent,
 SAR, DeYO, BATCLIP, WATT, CLIPArTT) take the stream ``batch_size`` original views at a time (their
-papers' protocol) and are reset at the start of each corruption's stream (one domain).  Labels are read by the
+papers' protocol) and are reset at the start of each corruption's stream (one domain); episodic methods take
+``batch_images`` images per step (``vlmtta.bench``'s option, same results).  Labels are read by the
 metric only (and, for the ``dirichlet`` order, to build the correlated order, as published
 protocols do).
 """
@@ -119,12 +120,18 @@ def evaluate(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor, views
 
 
 def evaluate_samples(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor,
-                     views: ViewFeatures | None = None, batch_size: int | None = 64) -> tuple[Samples, float]:
+                     views: ViewFeatures | None = None, batch_size: int | None = 64,
+                     batch_images: int | str = 1) -> tuple[Samples, float]:
     """The per-sample record of ``adapter`` on a stream, and the shared encoding cost per image (ms; 0 when
     the method encodes its own views, which its per-sample latency then includes).  Batch methods take
-    ``batch_size`` images per step (``None``: one image's views per step, their streaming mode); their
-    latency is the batch's time divided by its size."""
+    ``batch_size`` images per step (``None``: one image's views per step, their streaming mode); episodic
+    methods ``batch_images`` (``"auto"``: ``vlmtta.bench.auto_batch_images``; same results as one at a time);
+    latency is a step's time divided by its images."""
     adapter.reset()
+    on_features = views is not None and Need.VIEW_FEATURES in adapter.method.needs
+    step_images = _images_per_step(adapter, on_features, batch_size, batch_images)
+    if step_images > 1:
+        return _evaluate_many(adapter, images, labels, views, step_images)
     rows, latency, encode_ms = [], [], 0.0
     if batch_size and hasattr(adapter.method, "predict_batch"):
         for start in range(0, len(images), batch_size):
@@ -149,11 +156,44 @@ def evaluate_samples(adapter: Adapter, images: torch.Tensor, labels: torch.Tenso
     return Samples.from_probabilities(torch.stack(rows), labels.tolist(), latency), encode_ms
 
 
+def _images_per_step(adapter: Adapter, on_features: bool, batch_size: int | None, batch_images: int | str) -> int:
+    """Images per step of an episodic method without a batch protocol (1 for every other method)."""
+    from ..bench import auto_batch_images, check_batch_images
+
+    value = check_batch_images(batch_images)
+    if not adapter.method.episodic or (batch_size and hasattr(adapter.method, "predict_batch")):
+        return 1
+    return auto_batch_images(adapter.backbone.device, on_features) if value == "auto" else value
+
+
+def _evaluate_many(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor, views: ViewFeatures | None,
+                   step_images: int) -> tuple[Samples, float]:
+    """``evaluate_samples`` of an episodic method ``step_images`` images per step (shared features, or
+    ``Adapter.step_many``, whose views are seeded as ``step`` seeds them)."""
+    rows, latency, encode_ms = [], [], 0.0
+    if views is not None and Need.VIEW_FEATURES in adapter.method.needs:
+        features = views.get(adapter.view_config)
+        encode_ms = 1000.0 * views.encode_seconds[adapter.view_config] / max(1, len(features))
+
+        def step(start: int) -> torch.Tensor:
+            return adapter.adapt_features_many(torch.stack(features[start:start + step_images]))
+    else:
+        def step(start: int) -> torch.Tensor:
+            predictions = adapter.step_many(list(images[start:start + step_images]))
+            return torch.tensor([list(p.probabilities.values()) for p in predictions])
+    for start in range(0, len(images), step_images):
+        tick = time.perf_counter()
+        probs = step(start).float().cpu()
+        rows.extend(probs)
+        latency.extend([1000.0 * (time.perf_counter() - tick) / len(probs)] * len(probs))
+    return Samples.from_probabilities(torch.stack(rows), labels.tolist(), latency), encode_ms
+
+
 def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_corruption: int | None = DEFAULT_N,
               seed: int = 0, corruptions: Iterable[str] | None = None, order: str = "iid",
               options: dict[str, dict[str, Any]] | None = None, backbone: FrozenCLIP | None = None,
               device: str = "auto", progress: Callable[[str], None] | None = None,
-              batch_size: int | None = 64) -> SuiteResult:
+              batch_size: int | None = 64, batch_images: int | str = "auto") -> SuiteResult:
     """Run ``methods`` (default: every registered one) on every corruption; see the module docstring.
 
     Args:
@@ -166,6 +206,8 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
         backbone: a ``FrozenCLIP`` (default: ``load_backbone("vlmtta-testbed", device=device)``).
         progress: called with a line after every cell.
         batch_size: images per adaptation step of batch methods (``None``: per image, on its views).
+        batch_images: images adapted at once by episodic methods (``"auto"``: ``vlmtta.bench.auto_batch_images``);
+            the results are those of one image at a time.
     """
     methods = list(methods or method_names())
     corruptions = list(corruptions or C.corruption_names())
@@ -179,7 +221,7 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
     adapters, errors = _adapters(methods, backbone, seed, options or {})
     images, labels = subset(n_per_corruption, seed)
     result = SuiteResult({name: {} for name in adapters}, errors, {name: 0.0 for name in adapters},
-                         _protocol(adapters, severity, labels, seed, order, backbone, batch_size),
+                         _protocol(adapters, severity, labels, seed, order, backbone, batch_size, batch_images),
                          {name: {} for name in adapters})
     for corruption in corruptions:
         stream, truth = corrupted_stream(images, labels, corruption, severity, seed, order)
@@ -191,7 +233,7 @@ def run_suite(methods: Sequence[str] | None = None, severity: int = 3, n_per_cor
                                                                     hasattr(adapter.method, "predict_batch")):
                     views.get(adapter.view_config)  # shared: encoded once, outside every method's memory peak
                 with peak_memory(backbone.device) as memory:
-                    samples, encode_ms = evaluate_samples(adapter, stream, truth, views, batch_size)
+                    samples, encode_ms = evaluate_samples(adapter, stream, truth, views, batch_size, batch_images)
             except _CANNOT_RUN as error:  # e.g. a method whose extra model is not available offline
                 result.errors[name] = f"{type(error).__name__}: {error}"
                 del adapters[name], result.accuracy[name], result.seconds[name], result.cells[name]
@@ -239,12 +281,15 @@ def _adapters(methods: list[str], backbone: FrozenCLIP, seed: int,
 
 
 def _protocol(adapters: dict[str, Adapter], severity: int, labels: torch.Tensor, seed: int, order: str,
-              backbone: FrozenCLIP, batch_size: int | None = None) -> dict[str, Any]:
+              backbone: FrozenCLIP, batch_size: int | None = None, batch_images: int | str = 1) -> dict[str, Any]:
     stream = StreamOrder.parse(order).describe(seed, int(labels.unique().numel()))
     methods = {name: adapter.protocol() for name, adapter in adapters.items()}
     for name, adapter in adapters.items():
         if batch_size and hasattr(adapter.method, "predict_batch"):
             methods[name].update(batch_size=batch_size, views="original view only", reset_at="start of each corruption")
+        elif adapter.method.episodic:  # same results whatever it is
+            on_features = Need.VIEW_FEATURES in adapter.method.needs  # the suite shares encoded views
+            methods[name]["batch_images"] = _images_per_step(adapter, on_features, batch_size, batch_images)
     return {"backbone": backbone.describe(), "dataset": "fashion-mnist test", "images_per_corruption": len(labels),
             "severity": severity, "seed": seed, "order": order, "stream": stream, "methods": methods}
 
@@ -365,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--order", default="iid", help="iid (default) or dirichlet[:ALPHA] (vlmtta.streams)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step of batch methods")
+    parser.add_argument("--batch-images", default="auto", help="images per step of episodic methods (same results)")
     parser.add_argument("--severities", action="store_true", help="zero-shot accuracy at every severity instead")
     parser.add_argument("--format", default="text", choices=["text", "markdown", "csv"])
     args = parser.parse_args(argv)
@@ -373,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         methods = args.methods.split(",") if args.methods else None
         result = run_suite(methods, args.severity, args.n_per_corruption, args.seed, order=args.order,
-                           progress=lambda line: print(line, flush=True), batch_size=args.batch_size)
+                           progress=lambda line: print(line, flush=True), batch_size=args.batch_size,
+                           batch_images=args.batch_images)
     print(format_table(result, args.format))
 
 
