@@ -149,3 +149,19 @@ def test_normalized_means_are_unit_vectors():
     estimated = m.memory.filled.sum(1) >= 2
     direct = torch.nn.functional.normalize((m.memory.keys * m.memory.filled[..., None]).sum(1), dim=-1)
     torch.testing.assert_close(m.means[estimated], direct[estimated])
+
+
+def test_refit_every_refits_after_every_rth_memory_change_only():
+    text, feats = clustered_features(n=50, c=3, d=4, noise=0.6)
+    exact, lazy = _bound(text, tau=1.0), _bound(text, tau=1.0, refit_every=3)
+    changes, refits, fitted = 0, 0, None
+    for i in range(feats.shape[0]):
+        stored_before = exact.memory.entropy.clone()
+        a, b = exact.predict_features(feats[i:i + 1]), lazy.predict_features(feats[i:i + 1])
+        changes += int(not torch.equal(stored_before, exact.memory.entropy))
+        if lazy.fitted is not fitted:
+            refits, fitted = refits + 1, lazy.fitted
+        if changes % 3 == 0 and lazy.pending == 0:  # just refitted: the same state as the exact one
+            torch.testing.assert_close(b, a)
+        torch.testing.assert_close(lazy.scatter, exact.scatter)
+    assert lazy.pending == changes % 3 and refits >= changes // 3 - 1 > 5
