@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from vlmtta.gaussian import ClassGaussians, discriminant, scatter_about, shrunk_covariance
+from vlmtta.gaussian import (ClassGaussians, LinearDiscriminant, bayes_ridge_covariance, discriminant, scatter_about,
+                             shrunk_covariance)
 
 
 def _data(n=7, c=3, d=4, seed=0):
@@ -138,3 +139,32 @@ def test_class_mean_scatter_equals_the_per_class_covariance_recurrence(min_weigh
     assert torch.allclose(model.means, means, atol=1e-12)
     assert torch.allclose(model.class_covariances, torch.stack(covs), atol=1e-12)
     assert torch.allclose(model.covariance, torch.stack(covs).mean(dim=0), atol=1e-12)
+
+
+def test_bayes_ridge_covariance_inverts_to_the_ridge_precision():
+    a = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    cov = torch.cov(a.t())  # 6 samples in 5 dimensions
+    expected = 5 * torch.linalg.inv(5 * cov + cov.trace() * torch.eye(5, dtype=torch.float64))
+    assert torch.allclose(torch.linalg.inv(bayes_ridge_covariance(cov, 6)), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("inverse", ["pinv", "auto"])
+def test_linear_discriminant_on_a_singular_covariance_uses_the_pseudo_inverse(inverse):
+    x, _, m = _data(n=4, c=3, d=5, seed=5)
+    a = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    cov = a.t() @ a  # rank 3 in 5 dimensions
+    p = torch.linalg.pinv(cov, hermitian=True)
+    expected = x @ p @ m.t() - 0.5 * torch.einsum("cd,de,ce->c", m, p, m)
+    assert torch.allclose(LinearDiscriminant(m, cov, inverse=inverse).scores(x), expected, atol=1e-8)
+    with pytest.raises(torch.linalg.LinAlgError):
+        LinearDiscriminant(m, cov, inverse="cholesky")
+
+
+def test_linear_discriminant_auto_is_the_inverse_for_a_positive_definite_covariance():
+    x, _, m = _data(n=4, c=3, d=5, seed=7)
+    a = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    cov = a @ a.t() + 0.1 * torch.eye(5, dtype=torch.float64)
+    fitted = LinearDiscriminant(m, cov, inverse="auto")
+    assert fitted._factor is not None
+    assert torch.allclose(fitted.scores(x), discriminant(x, m, cov), atol=1e-10)
+    assert torch.allclose(LinearDiscriminant(m, cov, inverse="pinv").scores(x), discriminant(x, m, cov), atol=1e-8)

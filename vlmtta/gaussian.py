@@ -16,7 +16,9 @@ a batched rank-N update, instead of rescaling every ``Sigma_j``) and forms the m
 ``sum_j S_j / c_j / C``: equal to the recurrence above, two passes over the [C, D, D] buffer per update.
 
 Scoring is the linear discriminant ``x^T S^-1 mu_j - mu_j^T S^-1 mu_j / 2`` for a shared covariance ``S`` (e.g.
-``shrunk_covariance``): the class log-likelihood up to a term that is the same for every class.
+``shrunk_covariance`` or ``bayes_ridge_covariance``): the class log-likelihood up to a term that is the same for every
+class.  ``LinearDiscriminant`` factorises ``S`` once for fixed means and scores any number of features afterwards
+(Cholesky, or the Moore-Penrose pseudo-inverse for a singular ``S``); ``discriminant`` is the one-shot form.
 """
 from __future__ import annotations
 
@@ -119,13 +121,62 @@ def shrunk_covariance(covariance: torch.Tensor, epsilon: float) -> torch.Tensor:
     return (1 - epsilon) * covariance + epsilon * eye
 
 
+INVERSES = ("cholesky", "pinv", "auto")
+
+
+def bayes_ridge_covariance(covariance: torch.Tensor, n: int | float) -> torch.Tensor:
+    """``((n - 1) Sigma + tr(Sigma) I) / d`` for the sample covariance ``Sigma`` [D, D] of ``n`` samples: the
+    covariance whose inverse ``d ((n - 1) Sigma + tr(Sigma) I)^-1`` is the empirical-Bayes ridge precision estimate
+    for few samples (Kubokawa & Srivastava, J. Multivariate Anal. 2008, doi 10.1016/j.jmva.2008.01.016), as OGA's
+    code computes it.  Positive definite whenever ``Sigma`` is positive semi-definite and not zero."""
+    d = covariance.shape[0]
+    eye = torch.eye(d, device=covariance.device, dtype=covariance.dtype)
+    return ((n - 1) * covariance + covariance.diagonal().sum() * eye) / d
+
+
+class LinearDiscriminant:
+    """Scores ``x^T P mu_j - mu_j^T P mu_j / 2`` [N, C] of fixed means ``mu`` [C, D] under the precision ``P`` of a
+    shared covariance ``S`` [D, D], with ``S`` factorised once: ``P = W^T W`` and ``z = W v``, so a score is
+    ``z_x . z_mu - |z_mu|^2 / 2`` (one [D, D] solve per feature and a [D, C] product, the cost of CLIP scoring).
+
+    ``inverse``: ``"cholesky"`` (``W = L^-1`` for ``S = L L^T``; ``S`` must be positive definite), ``"pinv"`` (the
+    Moore-Penrose pseudo-inverse through ``eigh``: eigenvalues at or below ``D * eps * max`` count as zero, the
+    default cutoff of ``torch.linalg.pinv``), ``"auto"`` (Cholesky, the pseudo-inverse if ``S`` is not positive
+    definite: both equal ``S^-1`` for a positive definite ``S``)."""
+
+    def __init__(self, means: torch.Tensor, covariance: torch.Tensor, inverse: str = "cholesky"):
+        if inverse not in INVERSES:
+            raise ValueError(f"Unknown inverse {inverse!r}; accepted: {', '.join(INVERSES)}.")
+        self._factor = self._eigen = None
+        if inverse == "cholesky":
+            self._factor = torch.linalg.cholesky(covariance)
+        elif inverse == "auto":
+            factor, info = torch.linalg.cholesky_ex(covariance)
+            if int(info) == 0:
+                self._factor = factor
+        if self._factor is None:
+            values, vectors = torch.linalg.eigh(covariance)
+            kept = values > covariance.shape[0] * torch.finfo(values.dtype).eps * values.abs().max()
+            self._eigen = (vectors[:, kept].t(), values[kept].rsqrt())
+        self.z_means = self.whiten(means.t())  # [D', C]
+        self.half_norms = 0.5 * self.z_means.square().sum(dim=0)
+
+    def whiten(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``W v`` of column vectors [D, M]."""
+        if self._factor is not None:
+            return torch.linalg.solve_triangular(self._factor, vectors.to(self._factor.dtype), upper=False)
+        basis, scales = self._eigen
+        return scales[:, None] * (basis @ vectors.to(basis.dtype))
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Discriminant scores [N, C] of features [N, D]."""
+        return self.whiten(features.t()).t() @ self.z_means - self.half_norms
+
+
 def discriminant(features: torch.Tensor, means: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
     """Linear discriminant scores ``x^T S^-1 mu_j - mu_j^T S^-1 mu_j / 2`` [N, C] of features [N, D] for a shared
     covariance ``S`` (symmetric positive definite): the Gaussian log-likelihoods up to a per-sample constant.
 
     Computed through the Cholesky factor ``S = L L^T`` (``z = L^-1 v``: scores ``z_x . z_mu - |z_mu|^2 / 2``), one
-    triangular solve for all classes, without forming ``S^-1``."""
-    factor = torch.linalg.cholesky(covariance)
-    z_means = torch.linalg.solve_triangular(factor, means.t(), upper=False)  # [D, C]
-    z_x = torch.linalg.solve_triangular(factor, features.to(means.dtype).t(), upper=False)  # [D, N]
-    return z_x.t() @ z_means - 0.5 * z_means.square().sum(dim=0)
+    triangular solve for all classes, without forming ``S^-1`` (``LinearDiscriminant`` keeps the factor)."""
+    return LinearDiscriminant(means, covariance).scores(features.to(means.dtype))
