@@ -64,9 +64,10 @@ def tsallis_entropy(logits: torch.Tensor, q: float | torch.Tensor, dim: int = -1
     p, d = log_p.exp(), q - 1
     z = d * log_p  # log(p^q / p)
     near = z.abs() < 1  # p^q close to p: -p log p expm1(z)/z has no cancellation (and is -p log p at q == 1)
-    z_near = torch.where(near, z, torch.ones_like(z))
-    phi = torch.where(z_near == 0, torch.ones_like(z), torch.expm1(z_near) / torch.where(z_near == 0, torch.ones_like(z), z_near))
-    far = (p - torch.exp(q * log_p)) / torch.where(d == 0, torch.ones_like(d), d)  # only where |z| >= 1, so d != 0
+    z_near = torch.where(near, z, 1.0)
+    zero = z_near == 0
+    phi = torch.where(zero, 1.0, torch.expm1(z_near) / torch.where(zero, 1.0, z_near))
+    far = (p - torch.exp(q * log_p)) / (torch.where(d == 0, 1.0, d) if q.ndim else d)  # used where |z| >= 1: d != 0
     return torch.where(near, -p * log_p * phi, far).sum(dim=dim)
 
 

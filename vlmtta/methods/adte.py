@@ -33,6 +33,8 @@ class TE(Method):
 
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
+        if confident_count(logits.shape[0], self.ratio) == logits.shape[0]:
+            return logits.softmax(dim=-1).mean(dim=0)  # every view is kept: nothing to rank
         return logits[select_confident(logits, self.ratio, confidence_scores(logits, "tsallis", self.q))].softmax(-1).mean(0)
 
 
@@ -166,6 +168,7 @@ class BiasMemory:
         self.margin = float(margin)
         self.probs = torch.zeros(n_classes, size, n_classes, device=device)
         self.gaps = torch.full((n_classes, size), -1.0, device=device)
+        self._gaps = [[-1.0] * size for _ in range(n_classes)]  # host copy of ``gaps``: no device read per image
         self.column_sums = torch.zeros(n_classes, n_classes, device=device)  # [j, i] = sum of stored p_i for class j
         self.count = 0
         self._log_pi: torch.Tensor | None = None  # cached until the memory changes
@@ -174,16 +177,19 @@ class BiasMemory:
     def add(self, mean_logits: torch.Tensor, strict: bool = True) -> bool:
         """Store ``mean_logits`` [C] under its argmax if its top-1 - top-2 margin is above ``margin``
         (``>=`` when not ``strict``); returns whether it was stored."""
-        top = mean_logits.float().topk(2).values
+        mean_logits = mean_logits.float()
+        top, top_index = mean_logits.topk(2)
         gap = float(top[0] - top[1])
         if gap < self.margin or (strict and gap == self.margin):
             return False
-        label = int(mean_logits.argmax())
-        slot = int(self.gaps[label].argmin())
-        new = mean_logits.float().softmax(dim=-1)
-        self.count += int(self.gaps[label, slot] < 0)
+        label = int(top_index[0] if gap > 0 else mean_logits.argmax())  # the argmax (first one on a tie)
+        gaps = self._gaps[label]
+        slot = gaps.index(min(gaps))  # the first smallest margin (an empty slot, -1, first)
+        new = mean_logits.softmax(dim=-1)
+        self.count += int(gaps[slot] < 0)
         self.column_sums[label] += new - self.probs[label, slot]
         self.probs[label, slot], self.gaps[label, slot] = new, gap
+        gaps[slot] = gap  # a float32 value already: equal to the stored one
         self._stale = True
         return True
 

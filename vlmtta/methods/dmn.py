@@ -96,26 +96,38 @@ class DMN(Method):
         logits = self.logits(features)
         confident = logits[select_confident(logits, self.confident_ratio)]
         self.dynamic.insert(marginal_log_probs(confident).argmax(), features[0], marginal_entropy(confident))
-        query = features[0]
-        fixed = self._fixed_prototypes(query)
-        dynamic = fixed + weighted_prototypes(self.dynamic.keys, self.dynamic.affinity(query, self.beta))
-        probs = self.text_weight * logits[0].softmax(-1) + self.dynamic_weight * self._readout(query, dynamic)
+        query, text, scale = features[0], self.context.text_features, self.context.logit_scale
+        cos_text = text @ query
+        text_affinity = torch.exp(-self.beta * (1.0 - cos_text))
+        fixed = None  # prototypes of the always-present slots; a lone text slot normalises back to the text feature
+        if self.static is not None:
+            fixed = text_affinity[:, None] * text + weighted_prototypes(
+                self.static.keys, self.static.affinity(query, self.beta))
+        cos_fixed = cos_text if fixed is None else F.normalize(fixed, dim=-1) @ query
+        cos_dynamic = self._dynamic_cosines(query, text_affinity, fixed, cos_fixed)
+        probs = self.text_weight * logits[0].softmax(-1) + self.dynamic_weight * (scale * cos_dynamic).softmax(-1)
         total = self.text_weight + self.dynamic_weight
         if self.static is not None:
-            probs, total = probs + self.static_weight * self._readout(query, fixed), total + self.static_weight
+            probs, total = probs + self.static_weight * (scale * cos_fixed).softmax(-1), total + self.static_weight
         return probs / total
 
     # ---- helpers ----------------------------------------------------------------------------------
-    def _fixed_prototypes(self, query: torch.Tensor) -> torch.Tensor:
-        """Unnormalised prototypes [C, D] of the always-present slots: the text feature (+ support features)."""
-        text = self.context.text_features
-        fixed = affinity(query, text, self.beta)[:, None] * text
-        if self.static is not None:
-            fixed = fixed + weighted_prototypes(self.static.keys, self.static.affinity(query, self.beta))
-        return fixed
+    def _dynamic_cosines(self, query: torch.Tensor, text_affinity: torch.Tensor, fixed: torch.Tensor | None,
+                         cos_fixed: torch.Tensor) -> torch.Tensor:
+        """cos(query, dynamic prototype) [C]: the fixed slots' prototype plus the affinity-weighted stored features.
 
-    def _readout(self, query: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-        return (self.context.logit_scale * F.normalize(prototypes, dim=-1) @ query).softmax(-1)
+        Only the filled slots and the classes holding them are touched (cost proportional to the memory's fill, not
+        to its ``C x memory_size`` slots); a class with an empty dynamic memory keeps ``cos_fixed``."""
+        index, classes = self.dynamic.filled_slots()
+        if index.numel() == 0:
+            return cos_fixed
+        keys = self.dynamic.keys.flatten(0, 1)[index]
+        weights = affinity(query, keys, self.beta)
+        touched, member = torch.unique_consecutive(classes, return_inverse=True)  # slots come class-major
+        text = self.context.text_features
+        base = text_affinity[touched, None] * text[touched] if fixed is None else fixed[touched]
+        stored = torch.zeros_like(base).index_add_(0, member, keys * weights[:, None])
+        return cos_fixed.index_put((touched,), F.normalize(base + stored, dim=-1) @ query)
 
     def _static_memory(self, context: Context) -> ClassCache:
         """Encode (if needed) and store the labelled support set."""
