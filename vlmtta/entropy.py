@@ -32,6 +32,12 @@ def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).sum(dim=-1)
 
 
+def mean_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax of each row of ``logits`` [N, C] averaged over the rows -> [C] (one row: its softmax, which is its mean)."""
+    probs = logits.softmax(dim=-1)
+    return probs[0] if probs.shape[0] == 1 else probs.mean(dim=0)
+
+
 def confident_count(n_views: int, ratio: float) -> int:
     """How many of ``n_views`` a confidence ratio keeps: ``int(n * ratio)`` as in TPT, at least one."""
     if not 0 < ratio <= 1:

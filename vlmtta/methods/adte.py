@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from ..entropy import ADTE_FORMS, confidence_scores, confident_count, select_confident
+from ..entropy import ADTE_FORMS, confidence_scores, confident_count, mean_probs, select_confident
 from .base import Method, register
 
 BIAS_MODES = ("online", "transductive")
@@ -34,8 +35,8 @@ class TE(Method):
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
         if confident_count(logits.shape[0], self.ratio) == logits.shape[0]:
-            return logits.softmax(dim=-1).mean(dim=0)  # every view is kept: nothing to rank
-        return logits[select_confident(logits, self.ratio, confidence_scores(logits, "tsallis", self.q))].softmax(-1).mean(0)
+            return mean_probs(logits)  # every view is kept: nothing to rank
+        return mean_probs(logits[select_confident(logits, self.ratio, confidence_scores(logits, "tsallis", self.q))])
 
 
 @register
@@ -133,9 +134,9 @@ class ADTE(Method):
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
         if self.bias == "online":
-            self.memory.add(logits.mean(dim=0))
+            self.memory.add(logits[0] if logits.shape[0] == 1 else logits.mean(dim=0))  # the mean of one row is itself
         if confident_count(logits.shape[0], self.ratio) == logits.shape[0] and not self.label_adjust:
-            return logits.softmax(dim=-1).mean(dim=0)  # every view is kept and none adjusted: the bias is not needed
+            return mean_probs(logits)  # every view is kept and none adjusted: the bias is not needed
         log_pi = self.log_bias()
         if log_pi is None:
             scores = confidence_scores(logits, "shannon")
@@ -144,7 +145,7 @@ class ADTE(Method):
         kept = logits[select_confident(logits, self.ratio, scores)]
         if self.label_adjust and log_pi is not None:
             kept = kept - log_pi
-        return kept.softmax(dim=-1).mean(dim=0)
+        return mean_probs(kept)
 
 
 def class_q(log_bias: torch.Tensor, q_range: tuple[float, float] = (0.01, 0.9)) -> torch.Tensor:
@@ -179,10 +180,12 @@ class BiasMemory:
         (``>=`` when not ``strict``); returns whether it was stored."""
         mean_logits = mean_logits.float()
         top, top_index = mean_logits.topk(2)
-        gap = float(top[0] - top[1])
+        (first, second), label = top.tolist(), int(top_index[0])
+        gap = float(np.float32(first) - np.float32(second))  # the float32 difference, read in one transfer
         if gap < self.margin or (strict and gap == self.margin):
             return False
-        label = int(top_index[0] if gap > 0 else mean_logits.argmax())  # the argmax (first one on a tie)
+        if gap == 0:
+            label = int(mean_logits.argmax())  # the first of tied top classes
         gaps = self._gaps[label]
         slot = gaps.index(min(gaps))  # the first smallest margin (an empty slot, -1, first)
         new = mean_logits.softmax(dim=-1)

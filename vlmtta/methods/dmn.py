@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..entropy import marginal_entropy, marginal_log_probs, select_confident
+from ..entropy import marginal_log_probs, select_confident
 from ..images import load_image
 from ..memory import ClassCache, affinity, weighted_prototypes
 from ..views import original_view
@@ -94,8 +94,9 @@ class DMN(Method):
 
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
-        confident = logits[select_confident(logits, self.confident_ratio)]
-        self.dynamic.insert(marginal_log_probs(confident).argmax(), features[0], marginal_entropy(confident))
+        confident = logits if logits.shape[0] == 1 else logits[select_confident(logits, self.confident_ratio)]
+        log_marginal = marginal_log_probs(confident)
+        self.dynamic.insert(log_marginal.argmax(), features[0], -(log_marginal.exp() * log_marginal).sum())  # its entropy
         query, text, scale = features[0], self.context.text_features, self.context.logit_scale
         cos_text = text @ query
         text_affinity = torch.exp(-self.beta * (1.0 - cos_text))
