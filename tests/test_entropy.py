@@ -107,3 +107,7 @@ def test_tsallis_equals_the_first_formulation_bit_for_bit(shape):
     per_class[0] = 1.0  # d = 0 for one class
     for q in (0.1, 1.0, 0.999, 2.5, per_class):
         assert torch.equal(tsallis_entropy(logits, q), tsallis_reference(logits, q))
+        differentiable = logits.clone().requires_grad_()  # the out-of-place path: same values, a gradient
+        value = tsallis_entropy(differentiable, q)
+        value.sum().backward()
+        assert torch.equal(value.detach(), tsallis_reference(logits, q)) and differentiable.grad is not None
