@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--stream", type=Path, default=None, help="a --features file: time methods over its stream")
     parser.add_argument("--methods", default="zeroshot,tda,dota,onzeta,bca,ecalp,oga", help="--stream: methods to run")
     parser.add_argument("--n", type=int, default=None, help="--stream: first N images (default: all)")
+    parser.add_argument("--official-adte", type=Path, default=None,
+                        help="--stream: also time the official TE/ADTE step (a checkout of Jinx630/ADTE)")
+    parser.add_argument("--save-probs", type=Path, default=None, help="--stream: save every entry's probabilities")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,21 +141,32 @@ def stream_costs(args: argparse.Namespace) -> None:
     names = source.classnames
     print(f"{args.stream.name}: {n} images, {text.shape[0]} classes, dim {text.shape[1]}, {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, one view, file order")
-    rows = []
+    steps = []  # (label, one image's features [1, D] -> probabilities [C])
     for method in args.methods.split(","):
         m = create_method(method, n_views=1)
         m.bind(Context(names, [], text, source.logit_scale))
-        times, correct = [], 0
+        steps.append((method, m.predict_features))
+    if args.official_adte is not None:
+        steps += official_adte_steps(args.official_adte, text, source.logit_scale, feats)
+    rows, saved = [], {}
+    for label, step in steps:
+        times, correct, probs_all = [], 0, []
         for i in range(n):
             sync()
             start = time.perf_counter()
-            probs = m.predict_features(feats[i:i + 1])
+            probs = step(feats[i:i + 1])
             sync()
             times.append(time.perf_counter() - start)
             correct += int(probs.argmax() == labels[i])
-        rows.append({"method": method, "mean_ms": 1000 * statistics.fmean(times),
+            if args.save_probs is not None:
+                probs_all.append(probs.reshape(-1).float().cpu())
+        if args.save_probs is not None:
+            saved[label] = torch.stack(probs_all)
+        rows.append({"method": label, "mean_ms": 1000 * statistics.fmean(times),
                      "median_ms": 1000 * statistics.median(times), "accuracy": 100 * correct / n})
-        print(f"  {method}: {rows[-1]['mean_ms']:.3f} ms mean, {rows[-1]['accuracy']:.2f} %", flush=True)
+        print(f"  {label}: {rows[-1]['mean_ms']:.3f} ms mean, {rows[-1]['accuracy']:.2f} %", flush=True)
+    if args.save_probs is not None:
+        torch.save(saved, args.save_probs)
     by_name = {row["method"]: row["mean_ms"] for row in rows}
     print("\n| method | accuracy % | ms / image (mean) | median | / zero-shot | / TDA |\n|---|---:|---:|---:|---:|---:|")
     for row in rows:
@@ -164,6 +178,45 @@ def stream_costs(args: argparse.Namespace) -> None:
         args.output.write_text(json.dumps({"stream": str(args.stream), "n": n, "device": str(device),
                                            "threads": torch.get_num_threads(), "torch": torch.__version__,
                                            "rows": rows}, indent=2))
+
+
+def official_adte_steps(repo: Path, text: torch.Tensor, logit_scale: float, feats: torch.Tensor) -> list:
+    """The official per-image step of TE and ADTE (``Zero.zero`` in ``ttas/zero.py`` of a Jinx630/ADTE checkout,
+    run as released) on the same features: the image encoder is replaced by the identity (the stream's features are
+    already L2-normalised).  ADTE runs the code's default path: a bias precomputed over the stream (transductive,
+    ``estimate_log_bias`` = the code's pre-pass), ``q_l`` its min-max into [0.01, 0.9]; TE is ``--use_adte
+    --same_q --scale_w 0.1`` (Tsallis with q = 0.1)."""
+    import importlib.util
+    import sys
+    import types
+
+    from vlmtta.methods.adte import class_q, estimate_log_bias
+    stubs = {"adte_official": types.ModuleType("adte_official"),
+             "adte_official.base": types.SimpleNamespace(BaseTTAModule=torch.nn.Module),
+             "clip": types.ModuleType("clip"), "clip.custom_clip": types.SimpleNamespace(get_clip=None),
+             "utils": types.ModuleType("utils"), "utils.tools": types.SimpleNamespace(print=print, greedy_break=None)}
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
+    try:
+        spec = importlib.util.spec_from_file_location("adte_official.zero", repo / "ttas" / "zero.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for name, previous in saved.items():
+            sys.modules.pop(name)
+            if previous is not None:
+                sys.modules[name] = previous
+    model = types.SimpleNamespace(get_image_features=lambda views: views,
+                                  logit_scale=torch.nn.Parameter(torch.tensor(logit_scale).log(), requires_grad=False))
+    log_pi = estimate_log_bias(logit_scale * feats @ text.t())
+    steps = []
+    for label, scale_w in (("te (official)", 0.1), ("adte (official)", class_q(log_pi, (0.01, 0.9)))):
+        official = module.Zero.__new__(module.Zero)
+        torch.nn.Module.__init__(official)
+        official.model, official.z_txt, official.gamma = model, text, 0.1
+        official.pre_compute_q, official.q, official.scale_w = 1, log_pi, scale_w
+        steps.append((label, lambda f, o=official: o.zero(f, None, 0, 1)[0]))
+    return steps
 
 
 if __name__ == "__main__":

@@ -155,3 +155,45 @@ def test_single_view_without_adjustment_is_zero_shot():
         view = views_near(adapter, cls, g, n=1)
         assert torch.allclose(adapter.adapt_features(view), (10 * view @ text.t()).softmax(-1)[0], atol=1e-6)
     assert adapter.method.memory.count > 0  # the stream still feeds the memory
+
+
+def test_te_single_view_is_its_softmax_exactly():
+    adapter, g = make("te", n_views=1)
+    view = views_near(adapter, 1, g, n=1)
+    logits = 10 * view @ adapter.method.context.text_features.t()
+    assert torch.equal(adapter.adapt_features(view), logits[tsallis_entropy(logits, 0.1).argsort()[:1]].softmax(-1).mean(0))
+    everything, _ = make("te", n_views=8, ratio=1.0)  # every view kept: the mean over a permutation of the rows
+    views = views_near(everything, 1, g, n=8)
+    assert torch.allclose(everything.adapt_features(views), (10 * views @ everything.method.context.text_features.t())
+                          .softmax(-1).mean(0), atol=1e-7)
+
+
+def add_reference(memory: BiasMemory, mean_logits: torch.Tensor, strict: bool = True) -> bool:
+    """BiasMemory.add as first written: every decision read from the tensors."""
+    top = mean_logits.float().topk(2).values
+    gap = float(top[0] - top[1])
+    if gap < memory.margin or (strict and gap == memory.margin):
+        return False
+    label = int(mean_logits.argmax())
+    slot = int(memory.gaps[label].argmin())
+    new = mean_logits.float().softmax(dim=-1)
+    memory.count += int(memory.gaps[label, slot] < 0)
+    memory.column_sums[label] += new - memory.probs[label, slot]
+    memory.probs[label, slot], memory.gaps[label, slot] = new, gap
+    return True
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_memory_updates_equal_the_tensor_formulation(strict):
+    g = torch.Generator().manual_seed(3)
+    rows = 3 * torch.randn(400, C, generator=g)
+    rows[::7, 1] = rows[::7, 0] + 1.0  # some margins exactly 1 (or ties for the top when another class wins)
+    rows[::11, 2] = rows[::11].max(dim=1).values
+    fast, slow = BiasMemory(C, 4, 1.0), BiasMemory(C, 4, 1.0)
+    for row in rows:
+        assert fast.add(row, strict) == add_reference(slow, row, strict)
+        assert fast.count == slow.count
+    assert fast.count == C * 4  # filled, and replaced since (210 / 221 of the 400 rows are stored)
+    for name in ("probs", "gaps", "column_sums"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name))
+    assert torch.equal(fast.log_stationary(), slow.log_stationary())

@@ -134,3 +134,48 @@ def test_defaults():
     defaults = cls.defaults()
     assert (defaults["memory_size"], defaults["beta"], defaults["n_views"]) == (50, 5.5, 32)
     assert (defaults["text_weight"], defaults["dynamic_weight"], defaults["static_weight"]) == (1.0, 1.0, 1.0)
+
+
+def dense_predict(dmn, features: torch.Tensor) -> torch.Tensor:
+    """The previous formulation: every one of the C x memory_size slots is read (empty ones with weight 0)."""
+    from vlmtta.entropy import marginal_entropy, marginal_log_probs, select_confident
+    from vlmtta.memory import affinity, weighted_prototypes
+
+    logits = dmn.logits(features)
+    confident = logits[select_confident(logits, dmn.confident_ratio)]
+    dmn.dynamic.insert(marginal_log_probs(confident).argmax(), features[0], marginal_entropy(confident))
+    q, text, scale = features[0], dmn.context.text_features, dmn.context.logit_scale
+    fixed = affinity(q, text, dmn.beta)[:, None] * text
+    if dmn.static is not None:
+        fixed = fixed + weighted_prototypes(dmn.static.keys, dmn.static.affinity(q, dmn.beta))
+    dynamic = fixed + weighted_prototypes(dmn.dynamic.keys, dmn.dynamic.affinity(q, dmn.beta))
+
+    def readout(prototypes):
+        return (scale * torch.nn.functional.normalize(prototypes, dim=-1) @ q).softmax(-1)
+
+    probs = dmn.text_weight * logits[0].softmax(-1) + dmn.dynamic_weight * readout(dynamic)
+    total = dmn.text_weight + dmn.dynamic_weight
+    if dmn.static is not None:
+        probs, total = probs + dmn.static_weight * readout(fixed), total + dmn.static_weight
+    return probs / total
+
+
+@pytest.mark.parametrize("with_support", [False, True])
+def test_readout_of_filled_slots_equals_the_dense_readout(with_support):
+    gen = torch.Generator().manual_seed(0)
+    n_classes, dim = 9, 16
+    text = torch.nn.functional.normalize(torch.randn(n_classes, dim, generator=gen), dim=-1)
+    centres = text[torch.randint(0, 4, (80,), generator=gen)]  # most classes never get an entry
+    stream = torch.nn.functional.normalize(centres[:, None] + 0.4 * torch.randn(80, 4, dim, generator=gen), dim=-1)
+    support = None
+    if with_support:
+        support = (torch.nn.functional.normalize(torch.randn(5, dim, generator=gen), dim=-1), [0, 3, 3, 8, 5])
+    fast = bound(scale=50.0, text=text, n_views=4, memory_size=3, support=support, dynamic_weight=2.0)
+    dense = bound(scale=50.0, text=text, n_views=4, memory_size=3, support=support, dynamic_weight=2.0)
+    for views in stream:
+        got, want = fast.predict_features(views), dense_predict(dense, views)
+        assert torch.allclose(got, want, rtol=0, atol=1e-6) and int(got.argmax()) == int(want.argmax())
+    filled = fast.dynamic.filled
+    assert 0 < int(filled.sum()) < filled.numel() and torch.equal(fast.dynamic.keys, dense.dynamic.keys)
+    index, classes = fast.dynamic.filled_slots()
+    assert torch.equal(index, filled.flatten().nonzero().squeeze(1)) and torch.equal(classes, filled.nonzero()[:, 0])

@@ -82,3 +82,32 @@ def test_confidence_scores_dispatch_and_selection():
         check_confidence("tsallis", 0.0)
     with pytest.raises(ValueError, match="accepted here"):
         check_confidence("adte", 1.0)
+
+
+def tsallis_reference(logits: torch.Tensor, q, dim: int = -1) -> torch.Tensor:
+    """tsallis_entropy as first written (a tensor of ones for every masked value)."""
+    log_p = logits.log_softmax(dim=dim)
+    q = torch.as_tensor(q, dtype=log_p.dtype)
+    p, d = log_p.exp(), q - 1
+    z = d * log_p
+    near = z.abs() < 1
+    z_near = torch.where(near, z, torch.ones_like(z))
+    phi = torch.where(z_near == 0, torch.ones_like(z),
+                      torch.expm1(z_near) / torch.where(z_near == 0, torch.ones_like(z), z_near))
+    far = (p - torch.exp(q * log_p)) / torch.where(d == 0, torch.ones_like(d), d)
+    return torch.where(near, -p * log_p * phi, far).sum(dim=dim)
+
+
+@pytest.mark.parametrize("shape", [(64, 1000), (1, 1000), (7, 13)])
+def test_tsallis_equals_the_first_formulation_bit_for_bit(shape):
+    g = torch.Generator().manual_seed(1)
+    logits = 5 * torch.randn(shape, generator=g)
+    logits[0, 0] = 100.0  # p = 1 exactly: z = 0
+    per_class = 0.01 + 0.89 * torch.rand(shape[1], generator=g)
+    per_class[0] = 1.0  # d = 0 for one class
+    for q in (0.1, 1.0, 0.999, 2.5, per_class):
+        assert torch.equal(tsallis_entropy(logits, q), tsallis_reference(logits, q))
+        differentiable = logits.clone().requires_grad_()  # the out-of-place path: same values, a gradient
+        value = tsallis_entropy(differentiable, q)
+        value.sum().backward()
+        assert torch.equal(value.detach(), tsallis_reference(logits, q)) and differentiable.grad is not None

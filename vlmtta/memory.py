@@ -101,6 +101,12 @@ class ClassCache:
         """Tip-Adapter affinity ``exp(-beta (1 - query . key))`` of every slot [C, K]; 0 on empty slots."""
         return affinity(query, self.keys, beta) * self.filled
 
+    def filled_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices [M] of the filled slots (class-major, slot order) and their classes [M]: what a readout
+        needs to touch only the M filled slots instead of all ``C * capacity``."""
+        index = self.entropy.isfinite().flatten().nonzero().squeeze(1)
+        return index, torch.div(index, self.capacity, rounding_mode="floor")
+
     def class_affinity(self, query: torch.Tensor, beta: float) -> torch.Tensor:
         """Per-class sum of slot affinities [C]: the cache logits with one-hot values."""
         return self.affinity(query, beta).sum(dim=1)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from ..entropy import ADTE_FORMS, confidence_scores, confident_count, select_confident, take_views
+from ..entropy import ADTE_FORMS, confidence_scores, confident_count, mean_probs, select_confident, take_views
 from .base import Method, register
 
 BIAS_MODES = ("online", "transductive")
@@ -33,7 +34,9 @@ class TE(Method):
 
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
-        return logits[select_confident(logits, self.ratio, confidence_scores(logits, "tsallis", self.q))].softmax(-1).mean(0)
+        if confident_count(logits.shape[0], self.ratio) == logits.shape[0]:
+            return mean_probs(logits)  # every view is kept: nothing to rank
+        return mean_probs(logits[select_confident(logits, self.ratio, confidence_scores(logits, "tsallis", self.q))])
 
     def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
         if not self._vectorised_by(TE):
@@ -138,9 +141,9 @@ class ADTE(Method):
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
         if self.bias == "online":
-            self.memory.add(logits.mean(dim=0))
+            self.memory.add(logits[0] if logits.shape[0] == 1 else logits.mean(dim=0))  # the mean of one row is itself
         if confident_count(logits.shape[0], self.ratio) == logits.shape[0] and not self.label_adjust:
-            return logits.softmax(dim=-1).mean(dim=0)  # every view is kept and none adjusted: the bias is not needed
+            return mean_probs(logits)  # every view is kept and none adjusted: the bias is not needed
         log_pi = self.log_bias()
         if log_pi is None:
             scores = confidence_scores(logits, "shannon")
@@ -149,7 +152,7 @@ class ADTE(Method):
         kept = logits[select_confident(logits, self.ratio, scores)]
         if self.label_adjust and log_pi is not None:
             kept = kept - log_pi
-        return kept.softmax(dim=-1).mean(dim=0)
+        return mean_probs(kept)
 
 
 def class_q(log_bias: torch.Tensor, q_range: tuple[float, float] = (0.01, 0.9)) -> torch.Tensor:
@@ -173,6 +176,7 @@ class BiasMemory:
         self.margin = float(margin)
         self.probs = torch.zeros(n_classes, size, n_classes, device=device)
         self.gaps = torch.full((n_classes, size), -1.0, device=device)
+        self._gaps = [[-1.0] * size for _ in range(n_classes)]  # host copy of ``gaps``: no device read per image
         self.column_sums = torch.zeros(n_classes, n_classes, device=device)  # [j, i] = sum of stored p_i for class j
         self.count = 0
         self._log_pi: torch.Tensor | None = None  # cached until the memory changes
@@ -181,16 +185,21 @@ class BiasMemory:
     def add(self, mean_logits: torch.Tensor, strict: bool = True) -> bool:
         """Store ``mean_logits`` [C] under its argmax if its top-1 - top-2 margin is above ``margin``
         (``>=`` when not ``strict``); returns whether it was stored."""
-        top = mean_logits.float().topk(2).values
-        gap = float(top[0] - top[1])
+        mean_logits = mean_logits.float()
+        top, top_index = mean_logits.topk(2)
+        (first, second), label = top.tolist(), int(top_index[0])
+        gap = float(np.float32(first) - np.float32(second))  # the float32 difference, read in one transfer
         if gap < self.margin or (strict and gap == self.margin):
             return False
-        label = int(mean_logits.argmax())
-        slot = int(self.gaps[label].argmin())
-        new = mean_logits.float().softmax(dim=-1)
-        self.count += int(self.gaps[label, slot] < 0)
+        if gap == 0:
+            label = int(mean_logits.argmax())  # the first of tied top classes
+        gaps = self._gaps[label]
+        slot = gaps.index(min(gaps))  # the first smallest margin (an empty slot, -1, first)
+        new = mean_logits.softmax(dim=-1)
+        self.count += int(gaps[slot] < 0)
         self.column_sums[label] += new - self.probs[label, slot]
         self.probs[label, slot], self.gaps[label, slot] = new, gap
+        gaps[slot] = gap  # a float32 value already: equal to the stored one
         self._stale = True
         return True
 
