@@ -130,7 +130,8 @@ def test_registry_and_options():
     assert cls.episodic is False and cls.needs == frozenset({Need.VIEW_FEATURES}) and cls.dataset_defaults == {}
     defaults = cls.defaults()
     assert (defaults["n_views"], defaults["tau"], defaults["shot_capacity"]) == (1, 0.05, 8)
-    assert (defaults["estimator"], defaults["mean_divisor"], defaults["normalize_means"]) == ("ridge_pinv", "capacity", False)
+    assert (defaults["estimator"], defaults["mean_divisor"]) == ("ridge_pinv", "capacity")
+    assert defaults["normalize_means"] is False and defaults["refit_every"] == 1
     m = create_method("oga", tau="0.1", estimator="pinv", normalize_means="true")
     assert (m.tau, m.estimator, m.normalize_means) == (0.1, "pinv", True)
     for bad, match in [({"estimator": "lw"}, "estimator must be one of"), ({"mean_divisor": "n"}, "mean_divisor"),
