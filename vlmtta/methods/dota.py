@@ -41,10 +41,10 @@ class DOTA(Method):
     Shared covariance: ``covariance="class_mean"`` (default) is the unweighted mean of the per-class covariances
     ``Sigma = sum_j Sigma_j / C``, the estimate of the paper and of the official code (which averages its
     per-class ``Sigma`` tensor); it needs [C, D, D] memory (1 GiB at 1000 classes, D = 512) and reads and writes it
-    once per image (fast on a GPU; on a CPU at 1000 classes it is memory-bound, about 1-2 s per image on a loaded
-    2-core machine).  ``"pooled"`` weighs each class's covariance by its soft count (``sum_j c_j Sigma_j / sum_j
-    c_j``, linear discriminant analysis's pooled estimate): [D, D] memory and O(C D^2) flops per image, a cheaper
-    approximation that is not the paper's.
+    once per image (fast on a GPU; on a CPU at 1000 classes it is memory-bound: 1.8-4 s per image measured on a
+    loaded 2-core machine, one thread).  ``"pooled"`` weighs each class's covariance by its soft count
+    (``sum_j c_j Sigma_j / sum_j c_j``, linear discriminant analysis's pooled estimate): [D, D] memory and
+    O(C D^2) flops per image, a cheaper approximation that is not the paper's.
 
     Prior: every class starts with count 1, covariance ``sigma I`` and mean ``init_scale`` on every coordinate
     (``init_means="constant"``: the official code passes a constant 0.001 matrix; ``"text"``: the class text
