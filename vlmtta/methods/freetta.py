@@ -50,10 +50,14 @@ class FreeTTA(Method):
     weighted online estimate.
 
     Cost: ``Sigma^-1``, ``Sigma^-1 mu^T`` and ``mu_y^T Sigma^-1 mu_y`` are carried in float64 through each update
-    by the Woodbury identity (``vlmtta.gaussian.woodbury_update_``): the update has rank ``k``, the number of
-    classes whose mean moves by at least ``min_change`` (1e-4) of the way to ``x`` (``v_y > min_change N_y``; the
-    others, the posterior's far tail, are skipped; 0 = every class with a positive weight), so an image costs
-    O(D^2 k + D k C) plus zero-shot's O(D C), without a D x D factorisation (one, exact, when ``2k >= D``).
+    by the Woodbury identity (``vlmtta.gaussian.woodbury_update_``, with a lazy common scale factor): the update
+    has rank ``k``, the classes kept in the M-step, so an image costs O(D^2 k + D k C) plus zero-shot's O(D C),
+    without a D x D factorisation (one, exact, when ``2k >= D``).  Kept: the ``max_rank`` (16) largest weights
+    ``v_y``, of those the ones that move their mean by at least ``min_change`` (1e-4) of the way to ``x``
+    (``v_y > min_change N_y``).  This truncates the posterior's far tail (an approximation of vlmtta's, not the
+    paper's; ``max_rank >= C`` and ``min_change = 0`` give the full update, O(D^2 C) per image): on the first 300
+    images of the ImageNet ViT-B/32 stream the probabilities differ from the full update (``min_change`` 1e-6)
+    by at most 0.03 (``max_rank`` 64) / 0.13 (4).
     """
 
     name = "freetta"
@@ -83,6 +87,7 @@ class FreeTTA(Method):
         self.precision: torch.Tensor | None = None  # Sigma^-1 [D, D], float64
         self.projected: torch.Tensor | None = None  # Sigma^-1 mu^T [D, C], float64
         self.quadratic: torch.Tensor | None = None  # mu_y^T Sigma^-1 mu_y [C], float64
+        self.scale = 1.0  # the three above are stored divided by this factor (a lazy rescaling)
 
     def bind(self, context: Context) -> None:
         text = context.text_features.float()
@@ -102,10 +107,12 @@ class FreeTTA(Method):
         self.precision = torch.cholesky_inverse(torch.linalg.cholesky(self.gaussians.covariance.double()))
         self.projected = self.precision @ means.t()
         self.quadratic = (means * self.projected.t()).sum(dim=1)
+        self.scale = 1.0
 
     def discriminant(self, x: torch.Tensor) -> torch.Tensor:
         """``g(x)`` [C]: ``x^T Sigma^-1 mu_y - mu_y^T Sigma^-1 mu_y / 2 + log pi_y`` from the carried products."""
-        return (x.double() @ self.projected - 0.5 * self.quadratic + self.gaussians.priors.double().log()).float()
+        scores = self.scale * (x.double() @ self.projected - 0.5 * self.quadratic)
+        return (scores + self.gaussians.priors.double().log()).float()
 
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
@@ -146,11 +153,11 @@ class FreeTTA(Method):
         if 2 * k >= x.shape[0]:  # a rank this high: refactor exactly
             self._refactor()
             return
-        factors = ((x[None] - old_means).double() * (weights[active].double() / total).sqrt()[:, None]).t()
-        woodbury_update_(self.precision, factors, self.projected, self.quadratic)  # (Sigma + U U^T / t)^-1
-        scale = (total + mass) / total  # Sigma' = (t Sigma + U U^T) / (t + mass)
-        for state in (self.precision, self.projected, self.quadratic):
-            state.mul_(scale)
+        # Sigma' = (t Sigma + U U^T) / (t + mass) = (Sigma + U U^T / t) / scale'; with the stored P = Sigma^-1 / s,
+        # (Sigma + V V^T)^-1 = s (P - P W (I + W^T P W)^-1 W^T P) for W = sqrt(s) V: Woodbury on the stored state.
+        factors = ((x[None] - old_means).double() * (weights[active].double() * self.scale / total).sqrt()[:, None]).t()
+        woodbury_update_(self.precision, factors, self.projected, self.quadratic)
+        self.scale *= (total + mass) / total
         means = g.means[active].double()
         self.projected[:, active] = self.precision @ means.t()
         self.quadratic[active] = (means * self.projected[:, active].t()).sum(dim=1)
