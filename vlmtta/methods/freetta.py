@@ -50,11 +50,12 @@ class FreeTTA(Method):
     weighted online estimate.
 
     Measured (shared ImageNet ViT-B/32 stream, one view, 6997 images, about 7 per class): 53.97 % against
-    zero-shot 59.54 %.  The loss comes from the weak prior of the paper's initialisation (``N_y = 1 / C``, ``Sigma = I``
+    zero-shot 59.54 %.  The runs below point to the weak prior of the paper's initialisation (``N_y = 1 / C``, ``Sigma = I``
     weighing one sample): a few confident images dominate the estimates, and ``log pi_y`` favours the classes
     already seen by up to ``log(C)``.  On the first 1000 images: default 54.0 (zero-shot 56.7); the E-step
     posterior is not the cause (``"zeroshot"`` 54.3, ``"gaussian"`` 51.9); ``prior_weight=1000`` (``N_y = 1``,
-    ``Sigma = I`` weighing 1000 samples) 56.9.  Whether the paper's supplementary regularises this (the reported
+    ``Sigma = I`` weighing 1000 samples) 56.9 (which of the two, priors or covariance, matters is not isolated).
+    Whether the paper's supplementary regularises this (the reported
     gains are on ImageNet variants and fine-grained sets) could not be checked.
 
     Cost: ``Sigma^-1``, ``Sigma^-1 mu^T`` and ``mu_y^T Sigma^-1 mu_y`` are carried in float64 through each update
