@@ -12,7 +12,7 @@ class), minus zero-shot's, divided by the median time of encoding one image (ori
 mean and median time of ``predict_features`` per image (whatever the state has grown to), the accuracy, and the
 mean time as a ratio to zero-shot scoring and to TDA measured in the same run:
 
-    python scripts/bench_online.py --stream imagenet_stream.pt --methods zeroshot,tda,dota,onzeta,bca,ecalp,oga [--n 6997]
+    python scripts/bench_online.py --stream imagenet_stream.pt --methods zeroshot,tda,dota,onzeta,bca,ecalp,oga,freetta [--n 6997]
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--stream", type=Path, default=None, help="a --features file: time methods over its stream")
-    parser.add_argument("--methods", default="zeroshot,tda,dota,onzeta,bca,ecalp,oga", help="--stream: methods to run")
+    parser.add_argument("--methods", default="zeroshot,tda,dota,onzeta,bca,ecalp,oga,freetta", help="--stream: methods to run")
     parser.add_argument("--n", type=int, default=None, help="--stream: first N images (default: all)")
     parser.add_argument("--official-adte", type=Path, default=None,
                         help="--stream: also time the official TE/ADTE step (a checkout of Jinx630/ADTE)")

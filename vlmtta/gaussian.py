@@ -1,4 +1,4 @@
-"""Online class-conditional Gaussians over image features (Gaussian discriminant analysis; used by DOTA).
+"""Online class-conditional Gaussians over image features (Gaussian discriminant analysis; used by DOTA and FreeTTA).
 
 ``ClassGaussians`` keeps, for ``C`` classes, soft counts ``c_j``, running means ``mu_j`` and a covariance, updated
 from a batch of features with soft class weights (pseudo-label probabilities) in a handful of tensor ops:
@@ -19,6 +19,8 @@ Scoring is the linear discriminant ``x^T S^-1 mu_j - mu_j^T S^-1 mu_j / 2`` for 
 ``shrunk_covariance`` or ``bayes_ridge_covariance``): the class log-likelihood up to a term that is the same for every
 class.  ``LinearDiscriminant`` factorises ``S`` once for fixed means and scores any number of features afterwards
 (Cholesky, or the Moore-Penrose pseudo-inverse for a singular ``S``); ``discriminant`` is the one-shot form.
+``woodbury_update_`` carries a precision (and products with it) across a low-rank covariance update without a new
+factorisation (FreeTTA keeps ``Sigma^-1`` this way).
 """
 from __future__ import annotations
 
@@ -71,28 +73,40 @@ class ClassGaussians:
         """Every class's covariance ``Sigma_j`` [C, D, D] (``class_mean`` mode; a new tensor)."""
         return self.class_scatter / self.counts[:, None, None]
 
-    def update(self, features: torch.Tensor, weights: torch.Tensor, min_weight: float = 0.0) -> None:
-        """Add ``features`` [N, D] with soft class weights ``weights`` [N, C] (rows usually sum to 1).
+    @property
+    def priors(self) -> torch.Tensor:
+        """The class priors [C]: the soft counts over their sum."""
+        return self.counts / self.counts.sum()
+
+    def update(self, features: torch.Tensor, weights: torch.Tensor,
+               min_weight: float | torch.Tensor = 0.0) -> torch.Tensor:
+        """Add ``features`` [N, D] with soft class weights ``weights`` [N, C] (rows usually sum to 1); returns the
+        indices of the classes updated (all of them with ``min_weight = 0``).
 
         ``min_weight > 0`` updates only the classes that some row weighs above it: with softmax weights at CLIP's
         temperature nearly all classes get weights far below float32 resolution (a weight of 1e-9 changes a count
-        of 1 by less than its rounding), and skipping them turns the O(C D^2) update into O(k D^2)."""
+        of 1 by less than its rounding), and skipping them turns the O(C D^2) update into O(k D^2).  A tensor
+        ``min_weight`` [C] sets one threshold per class (e.g. proportional to the counts)."""
         x, w = features.to(self.means.dtype), weights.to(self.means.dtype)
         active: torch.Tensor | slice = slice(None)
-        if min_weight > 0:
+        if isinstance(min_weight, torch.Tensor) or min_weight > 0:
             keep = (w > min_weight).any(dim=0)
             if not bool(keep.all()):
                 active = keep.nonzero().squeeze(1)
                 w = w[:, active]
         means, counts = self.means[active], self.counts[active]
         mass = w.sum(dim=0)
-        if self.mode == "pooled":
+        if self.mode == "pooled" and x.shape[0] == 1:  # one feature: the rank-k scatter, added in place
+            factors = w.t().sqrt() * (x - means)  # [k, D]
+            self.scatter.addmm_(factors.t(), factors)
+        elif self.mode == "pooled":
             self.scatter += scatter_about(x, w, means)
         else:
             self._add_class_scatter(x, w, means, active)
         self.means[active] = (counts[:, None] * means + w.t() @ x) / (counts + mass)[:, None]
         self.counts[active] = counts + mass
         self._covariance = None
+        return torch.arange(w.shape[1], device=w.device) if isinstance(active, slice) else active
 
     def _add_class_scatter(self, x: torch.Tensor, w: torch.Tensor, means: torch.Tensor,
                            active: torch.Tensor | slice) -> None:
@@ -180,3 +194,22 @@ def discriminant(features: torch.Tensor, means: torch.Tensor, covariance: torch.
     Computed through the Cholesky factor ``S = L L^T`` (``z = L^-1 v``: scores ``z_x . z_mu - |z_mu|^2 / 2``), one
     triangular solve for all classes, without forming ``S^-1`` (``LinearDiscriminant`` keeps the factor)."""
     return LinearDiscriminant(means, covariance).scores(features.to(means.dtype))
+
+
+def woodbury_update_(precision: torch.Tensor, factors: torch.Tensor, products: torch.Tensor | None = None,
+                     quadratic: torch.Tensor | None = None) -> None:
+    """In place, for a low-rank covariance update ``S -> S + U U^T`` (``U = factors`` [D, k]): the symmetric
+    precision ``P = S^-1`` [D, D] becomes ``P - P U (I + U^T P U)^-1 U^T P`` (Woodbury); ``products = P B``
+    [D, n] becomes the new ``P B`` and ``quadratic`` [n] (``b_j^T P b_j``) the new quadratic forms, without ``B``.
+
+    Cost O(D^2 k + k^3 + D k n) and no D x D or D x n temporaries, instead of a new factorisation (O(D^3)) and
+    O(D^2 n) for the products; exact in exact arithmetic (use float64 over long streams)."""
+    pu = precision @ factors  # [D, k]
+    inner = torch.eye(factors.shape[1], dtype=precision.dtype, device=precision.device) + factors.t() @ pu
+    if products is not None:
+        projections = factors.t() @ products  # [k, n]: U^T P B
+        solved = torch.linalg.solve(inner, projections)
+        if quadratic is not None:
+            quadratic.sub_((projections * solved).sum(dim=0))
+        products.addmm_(pu, solved, alpha=-1)
+    precision.addmm_(pu, torch.linalg.solve(inner, pu.t()), alpha=-1)
