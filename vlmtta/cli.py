@@ -191,6 +191,22 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--force", action="store_true", help="recompute finished results")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--table", choices=("md", "csv"), default=None, help="print the table of --results at the end")
+    grid = bench.add_argument_group("grid engine", "run each (dataset, method) cell as a task (see 'Running a grid "
+                                    "on Ray' in README.rst)")
+    grid.add_argument("--engine", choices=("sequential", "ray"), default="sequential",
+                      help="sequential: one cell after another in this process (default); ray: each cell a Ray task "
+                           '(pip install -e ".[distributed]")')
+    grid.add_argument("--address", default=None,
+                      help="Ray cluster to join: auto (the running cluster), ray://HOST:10001; default: start a local Ray")
+    grid.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs each Ray task reserves (default: 1)")
+    grid.add_argument("--gpus-per-cell", type=float, default=0.0,
+                      help="GPUs each Ray task reserves, a fraction shares one (e.g. 0.25: four cells per GPU; "
+                           "default: 0)")
+    grid.add_argument("--images-per-task", type=_count(), default=None,
+                      help="split episodic cells into Ray tasks of this many images, merged into one result (online "
+                           "streams are never split)")
+    grid.add_argument("--retries", type=int, default=1,
+                      help="Ray: times a task is retried when its worker dies (default: 1)")
     bench.set_defaults(model=None, pretrained=None)  # ViT-B-16 / openai, or the testbed model with --suite testbed
     bench.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
                        help="features files: CLIP logits in the file's precision (auto: fp16 files are scored as "
@@ -424,6 +440,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .data import DatasetNotFound, parse_datasets
 
     if args.suite == "testbed":
+        if args.engine != "sequential":
+            raise ValueError("--suite testbed runs in this process; --engine ray runs --datasets or --features grids.")
         return _bench_testbed(args)
     args.model = "ViT-B-16" if args.model is None else args.model
     args.pretrained = "auto" if args.pretrained is None else args.pretrained
@@ -448,6 +466,13 @@ def _bench(args: argparse.Namespace) -> int:
             raise ValueError("bench needs --root DIR (with --datasets) or --features FILE.pt.")
         keys = parse_datasets(args.datasets, args.severity)
         sources = [dict(domains=keys)] if args.continual else [dict(dataset=key) for key in keys]
+    if args.engine == "ray":
+        return _bench_grid(args, [BenchSpec(**common, **source) for source in sources])
+    grid_flags = [flag for flag, value, default in (("--address", args.address, None), ("--cpus-per-cell",
+                  args.cpus_per_cell, 1.0), ("--gpus-per-cell", args.gpus_per_cell, 0.0), ("--images-per-task",
+                  args.images_per_task, None), ("--retries", args.retries, 1)) if value != default]
+    if grid_flags:
+        raise ValueError(f"{', '.join(grid_flags)} appl{'ies' if len(grid_flags) == 1 else 'y'} to --engine ray only.")
     failed = 0
     for source in sources:
         try:
@@ -461,6 +486,19 @@ def _bench(args: argparse.Namespace) -> int:
 
         print(format_tables(load_results(args.results, _warn), args.table), end="")
     return 1 if failed else 0
+
+
+def _bench_grid(args: argparse.Namespace, specs: list) -> int:
+    """``bench --engine ray``: every cell a Ray task; one line per finished cell, then a summary."""
+    from .grid import run_grid
+    from .results import format_tables, load_results
+
+    report = run_grid(specs, engine=args.engine, images_per_task=args.images_per_task, address=args.address,
+                      cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, retries=args.retries,
+                      echo=lambda line: print(line, flush=True))
+    if args.table:
+        print(format_tables(load_results(args.results, _warn), args.table), end="")
+    return 1 if report.failed else 0
 
 
 def _table(args: argparse.Namespace) -> int:

@@ -76,17 +76,26 @@ class Plan:
 
     encodes: list[BenchSpec]
     cells: list[Cell]
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (cell label, why) of sources not found
 
 
 def plan(specs: list[BenchSpec], images_per_task: int | None = None) -> Plan:
     """The tasks of a grid: ``specs`` (one source each, any number of methods) x their methods."""
     if images_per_task is not None and images_per_task < 1:
         raise ValueError(f"images_per_task must be at least 1, got {images_per_task}.")
+    from .data import DatasetNotFound
+
     encodes: list[BenchSpec] = []
     cells: list[Cell] = []
+    missing: list[tuple[str, str]] = []
     for spec in specs:
         spec = replace(spec, progress=False)
-        n, option_dataset = _source_size(spec)
+        try:
+            n, option_dataset = _source_size(spec)
+        except DatasetNotFound as error:  # reported as failed cells; the other sources still run
+            missing += [(Cell(replace(spec, methods=[m]), m, 0).label, f"{type(error).__name__}: {error}")
+                        for m in spec.methods]
+            continue
         for method in spec.methods:  # every option checked before any task runs, as run_bench does
             check_options(method, **method_options(method, option_dataset, spec.options, spec.augmentation))
         cached = [m for m in spec.methods if Need.VIEW_FEATURES in get_method_class(m).needs
@@ -100,7 +109,7 @@ def plan(specs: list[BenchSpec], images_per_task: int | None = None) -> Plan:
             if images_per_task and n > images_per_task and _splittable(spec, method):
                 cell.parts = [(a, min(a + images_per_task, n)) for a in range(0, n, images_per_task)]
             cells.append(cell)
-    return Plan(encodes, cells)
+    return Plan(encodes, cells, missing)
 
 
 def _source_size(spec: BenchSpec) -> tuple[int, str | None]:
@@ -366,7 +375,7 @@ def run_grid(specs: list[BenchSpec], engine: str = "local", images_per_task: int
     finally:
         if engine == "ray" and own:
             executor.ray.shutdown()
-    echo(report.summary(len(tasks.cells)))
+    echo(report.summary(len(tasks.cells) + len(tasks.missing)))
     return report
 
 
@@ -398,6 +407,10 @@ def _drive(tasks: Plan, executor, resources: dict, echo: Callable[[str], None], 
         handles.append(executor.submit(merge_task, (cell.label, *parts), "cell", cell.label, light))
     cells: list[Outcome] = []
     images = 0
+    total = len(tasks.cells) + len(tasks.missing)
+    for label, error in tasks.missing:
+        cells.append(Outcome("cell", label, error=error))
+        echo(_line(cells[-1], len(cells), total))
     for outcome in executor.results(handles):
         if outcome.task == "encode":
             if outcome.error is not None:
@@ -405,7 +418,7 @@ def _drive(tasks: Plan, executor, resources: dict, echo: Callable[[str], None], 
             continue
         cells.append(outcome)
         images += outcome.value["n"] if outcome.value else 0
-        echo(_line(outcome, len(cells), len(tasks.cells)))
+        echo(_line(outcome, len(cells), total))
     return GridReport(cells, time.perf_counter() - started, images)
 
 
