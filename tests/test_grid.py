@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from test_data_trees import coop_tree
 
 from vlmtta import bench
 from vlmtta.bench import BenchSpec, InjectedFailure, run_bench
+from vlmtta.cli import main
 from vlmtta.grid import FAULT_ENV, part_path, plan, run_grid
 from vlmtta.metrics import Samples
 
@@ -108,3 +110,25 @@ def test_part_resumes_from_its_checkpoint(tree, tiny_model_dir, monkeypatch):
     assert not report.failed and result["resumed_from"] == 2 + 2 and report.images == 12 - 4
     path = part_path(tree / "grid" / "x.json", 0, 6)
     assert path.name == "x.part0-6.npz" and path.parent.name == ".partial"
+
+
+def test_cli_grid_flags_and_seeds(tree, tiny_model_dir, capsys, monkeypatch):
+    base = ["bench", "--methods", "zeroshot", "--datasets", "eurosat", "--root", str(tree / "data"), "--model",
+            tiny_model_dir, "--pretrained", "none", "--device", "cpu", "--results", str(tree / "r"), "--cache-dir",
+            str(tree / "cache"), "--no-progress"]
+    for extra, message in ((["--gpus-per-cell", "0.25"], "--gpus-per-cell applies to --engine ray only"),
+                           (["--address", "auto", "--images-per-task", "4"],
+                            "--address, --images-per-task apply to --engine ray only")):
+        assert main([*base, *extra]) == 2 and message in capsys.readouterr().err
+    assert main(["bench", "--suite", "testbed", "--engine", "ray"]) == 2
+    assert "--engine ray runs --datasets or --features grids" in capsys.readouterr().err
+    assert main(["bench", "--suite", "testbed", "--seed", "0,1"]) == 2
+    assert "--suite testbed takes one --seed" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray absent
+    assert main([*base, "--engine", "ray"]) == 2
+    assert 'pip install -e ".[distributed]"' in capsys.readouterr().err
+    assert main([*base, "--seed", "0,1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[-1] for line in out] == ["0", "1"] and len(list((tree / "r").glob("*.json"))) == 2
+    with pytest.raises(SystemExit):
+        main([*base, "--seed", "1,1"])

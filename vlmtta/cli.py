@@ -46,6 +46,17 @@ def _batch_images(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _seeds(text: str) -> list[int]:
+    """An argparse type: one seed or a comma list of seeds."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a seed or a comma list of seeds, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
 def _count(minimum: int = 1):
     """An argparse type: a whole number >= ``minimum``."""
     def parse(text: str) -> int:
@@ -159,7 +170,8 @@ def _add_bench_parser(commands) -> None:
     _add_backbone_args(bench)
     bench.add_argument("--templates", default=None, help="template set for every method (default: the method's own, "
                                                          "else tda:<dataset>; cifar18 on CIFAR-C)")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=_seeds, default=[0],
+                       help="seed of the views and the stream order; a comma list (0,1,2) runs every cell once per seed")
     bench.add_argument("--order", default=None,
                        help="stream order: shuffled (alias iid), sorted, grouped (classes contiguous) or "
                             "dirichlet[:ALPHA] (Dirichlet label shift, default ALPHA 0.1); default: shuffled, file "
@@ -442,6 +454,9 @@ def _bench(args: argparse.Namespace) -> int:
     if args.suite == "testbed":
         if args.engine != "sequential":
             raise ValueError("--suite testbed runs in this process; --engine ray runs --datasets or --features grids.")
+        if len(args.seed) > 1:
+            raise ValueError("--suite testbed takes one --seed.")
+        args.seed = args.seed[0]
         return _bench_testbed(args)
     args.model = "ViT-B-16" if args.model is None else args.model
     args.pretrained = "auto" if args.pretrained is None else args.pretrained
@@ -452,7 +467,7 @@ def _bench(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     common = dict(methods=methods, results_dir=Path(args.results), root=Path(args.root) if args.root else None,
                   splits_dir=args.splits_dir, model=args.model, pretrained=args.pretrained, device=args.device,
-                  templates=args.templates, seed=args.seed, order=args.order, options=dict(args.options),
+                  templates=args.templates, order=args.order, options=dict(args.options),
                   augmentation=args.augmentation, cache_dir=args.cache_dir, tag=args.tag, limit=args.limit,
                   checkpoint_every=args.checkpoint_every, workers=args.workers, progress=not args.no_progress,
                   force=args.force, precision=args.precision, reset_between=args.reset_between or "never",
@@ -466,6 +481,7 @@ def _bench(args: argparse.Namespace) -> int:
             raise ValueError("bench needs --root DIR (with --datasets) or --features FILE.pt.")
         keys = parse_datasets(args.datasets, args.severity)
         sources = [dict(domains=keys)] if args.continual else [dict(dataset=key) for key in keys]
+    sources = [dict(source, seed=seed) for seed in args.seed for source in sources]
     if args.engine == "ray":
         return _bench_grid(args, [BenchSpec(**common, **source) for source in sources])
     grid_flags = [flag for flag, value, default in (("--address", args.address, None), ("--cpus-per-cell",
@@ -477,7 +493,8 @@ def _bench(args: argparse.Namespace) -> int:
     for source in sources:
         try:
             for r in run_bench(BenchSpec(**common, **source)):
-                print(f"{r['dataset']:<16} {r['method']:<14} {r['accuracy']:6.2f} %  ({r['correct']}/{r['n']})")
+                seed = f"  seed {r['seed']}" if len(args.seed) > 1 else ""
+                print(f"{r['dataset']:<16} {r['method']:<14} {r['accuracy']:6.2f} %  ({r['correct']}/{r['n']}){seed}")
         except (DatasetNotFound, EmptySource) as error:
             print(f"vlmtta: skipping: {error}", file=sys.stderr)
             failed += 1
