@@ -394,7 +394,8 @@ def _ray_executor(address: str | None, retries: int) -> tuple[RayExecutor, bool]
 def _drive(tasks: Plan, executor, resources: dict, echo: Callable[[str], None], started: float) -> GridReport:
     """Submit the encode tasks, then the cells after them; report each cell as it finishes."""
     light = {"num_cpus": min(1.0, resources["num_cpus"])}  # merging reads and writes files only
-    encodes = [executor.submit(encode_task, (spec,), "encode", f"{spec.dataset} (views)", resources)
+    encodes = [executor.submit(encode_task, (spec,), "encode", f"{spec.dataset}/seed{spec.seed} (views)",
+                                 resources)
                for spec in tasks.encodes]
     handles = list(encodes)
     for cell in tasks.cells:
