@@ -61,6 +61,12 @@ def test_plan_splits_only_episodic_cells(tree, tiny_model_dir):
         ("eurosat/zero/seed0", [(0, 5), (5, 10), (10, 12)], 0), ("eurosat/tda/seed0", [], 0),
         ("dtd/zero/seed0", [(0, 5), (5, 10), (10, 12)], 1), ("dtd/tda/seed0", [], 1)]
     assert [c.parts for c in plan(specs(tree, tiny_model_dir, "r", limit=5), images_per_task=5).cells] == [[]] * 4
+    continual = plan([BenchSpec(methods=METHODS, results_dir=tree / "r", domains=DATASETS, root=tree / "data",
+                                model=tiny_model_dir)], images_per_task=5)
+    assert not continual.encodes and [(c.label, c.n_images, c.parts) for c in continual.cells] == [
+        ("eurosat+dtd/zero/seed0", 24, []), ("eurosat+dtd/tda/seed0", 24, [])]  # a continual stream is one task
+    missing = plan([BenchSpec(methods=["zero"], results_dir=tree / "r", dataset="caltech101", root=tree / "data")])
+    assert missing.cells == [] and missing.missing[0][0] == "caltech101/zero/seed0"
     with pytest.raises(ValueError, match="images_per_task"):
         plan(specs(tree, tiny_model_dir, "r"), images_per_task=0)
 
