@@ -23,6 +23,8 @@
   methods take one image per step (their order is the protocol).  ``batch_images="auto"`` (``auto_batch_images``)
   picks it per method and device.  The result records it outside its ``config_key``: a run with any
   ``batch_images`` resumes or skips a run of the same settings with another.
+* Grids (datasets x methods x seeds, each cell a task, optionally on Ray): ``vlmtta.grid``, built on
+  ``open_stream`` / ``stream_run`` here, so a cell's result is the one this runner writes.
 """
 from __future__ import annotations
 
