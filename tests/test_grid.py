@@ -106,7 +106,7 @@ def test_failed_cell_is_reported_and_the_rerun_does_only_what_is_left(tree, tiny
 
 
 def test_part_resumes_from_its_checkpoint(tree, tiny_model_dir, monkeypatch):
-    grid = specs(tree, tiny_model_dir, "grid", methods=["zero"], checkpoint_every=2)[:1]
+    grid = specs(tree, tiny_model_dir, "grid", methods=["zero"], checkpoint_every=2, batch_images=1)[:1]
     monkeypatch.setenv(bench.FAIL_ENV, "3")
     report = run_grid(grid, images_per_task=6, echo=None)
     assert report.failed and InjectedFailure.__name__ in report.failed[0].error
