@@ -23,6 +23,8 @@
   methods take one image per step (their order is the protocol).  ``batch_images="auto"`` (``auto_batch_images``)
   picks it per method and device.  The result records it outside its ``config_key``: a run with any
   ``batch_images`` resumes or skips a run of the same settings with another.
+* Grids (datasets x methods x seeds, each cell a task, optionally on Ray): ``vlmtta.grid``, built on
+  ``open_stream`` / ``stream_run`` here, so a cell's result is the one this runner writes.
 """
 from __future__ import annotations
 
@@ -304,11 +306,16 @@ def run_bench(spec: BenchSpec, fail_after: int | None = None) -> list[dict[str, 
         ensure_writable_dir(spec.cache_dir or default_cache_dir(), "Cache folder (--cache-dir)")
     if spec.domains:
         return _run_continual(spec, fail_after)
+    source, order, stream = open_stream(spec)
+    return [_run_method(spec, source, method, order, stream, fail_after) for method in spec.methods]
+
+
+def open_stream(spec: BenchSpec) -> tuple[_Source, StreamOrder, list[int]]:
+    """The source of ``spec`` (its methods' options checked), its order and the stream of image indices."""
     source = _nonempty(_Source(spec))
     _check_options(spec, source)
     order = StreamOrder.parse(spec.order or ("sorted" if source.file is not None else "shuffled"))
-    stream = order.indices(source.labels, spec.seed)[:spec.limit].tolist()
-    return [_run_method(spec, source, method, order, stream, fail_after) for method in spec.methods]
+    return source, order, order.indices(source.labels, spec.seed)[:spec.limit].tolist()
 
 
 def _check_options(spec: BenchSpec, source: _Source) -> None:
@@ -337,6 +344,7 @@ class _Run:
     model: str
     pretrained: str | None
     tag: str
+    method: str  # the name it was asked for
 
     def finished(self) -> dict[str, Any] | None:
         """The saved result of exactly this run, or None; a result of other settings at ``path`` is an error."""
@@ -364,7 +372,7 @@ def _prepare(spec: BenchSpec, source: _Source, method: str, order: StreamOrder, 
                          else ("precomputed", source.file.path.name))
     tag = "+".join(filter(None, (f"continual-{continual['reset_between']}" if continual else "", spec.tag)))
     path = Path(spec.results_dir) / result_name(source.name, method, model, pretrained, spec.seed, tag)
-    return _Run(adapter, protocol, cache_key(protocol)[:32], path, model, pretrained, tag)
+    return _Run(adapter, protocol, cache_key(protocol)[:32], path, model, pretrained, tag, method)
 
 
 def _run_method(spec: BenchSpec, source: _Source, method: str, order: StreamOrder, stream: list[int],
@@ -375,6 +383,16 @@ def _run_method(spec: BenchSpec, source: _Source, method: str, order: StreamOrde
     existing = None if spec.force else run.finished()
     if existing is not None and not rerun_finished:
         return existing
+    result, samples = stream_run(spec, source, run, stream, fail_after, reset)
+    result = save_result(run.path, result, samples)
+    _checkpoint_path(run.path).unlink(missing_ok=True)
+    return result
+
+
+def stream_run(spec: BenchSpec, source: _Source, run: _Run, stream: list[int], fail_after: int | None,
+               reset: bool = True, ckpt_path: Path | None = None) -> tuple[dict[str, Any], Samples]:
+    """Stream ``stream`` (the whole stream or, for a split episodic cell, an image range of it) through ``run``;
+    the result record (unsaved) and the per-sample record.  ``ckpt_path``: where an episodic stream checkpoints."""
     device = run.adapter.backbone.device if run.adapter.backbone is not None else torch.device("cpu")
     step = 1
     if is_batch_method(run.adapter):
@@ -390,14 +408,12 @@ def _run_method(spec: BenchSpec, source: _Source, method: str, order: StreamOrde
                 predict = source.many_predictor(run.adapter)
     with peak_memory(device) as memory:
         outcome, samples = _stream(spec, run.adapter, predict, stream, source.labels, run.path, run.key, fail_after,
-                                   reset, step)
-    result = {"dataset": source.name, "method": method, "tag": run.tag, "model": run.model,
+                                   reset, step, ckpt_path)
+    result = {"dataset": source.name, "method": run.method, "tag": run.tag, "model": run.model,
               "pretrained": run.pretrained, "seed": spec.seed, **outcome, "memory": memory_record(device, memory),
               "protocol": {**run.protocol, **view_facts}, "config_key": run.key, "versions": versions(),
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    result = save_result(run.path, result, samples)
-    _checkpoint_path(run.path).unlink(missing_ok=True)
-    return result
+    return result, samples
 
 
 def _run_continual(spec: BenchSpec, fail_after: int | None) -> list[dict[str, Any]]:
@@ -467,16 +483,16 @@ def _resume(ckpt_path: Path, key: str) -> tuple[Samples | None, float]:
 
 def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[list[int]], torch.Tensor], stream: list[int],
             labels: list[int], path: Path, key: str, fail_after: int | None,
-            reset: bool = True, step: int = 1) -> tuple[dict[str, Any], Samples]:
+            reset: bool = True, step: int = 1, ckpt_path: Path | None = None) -> tuple[dict[str, Any], Samples]:
     """Feed the stream ``step`` images per step (one for online methods, ``batch_size`` for batch methods,
     ``batch_images`` for episodic ones; an episodic stream resumes from its checkpoint, whatever its step was);
     its timing and per-sample record.  Latency is per image (a step's time divided by its images).  An episodic
     step of several images that runs out of GPU memory is retried with half as many (episodic results do not
     depend on the step).  ``reset``: start from a fresh adapter state (a continual run keeps the state of the
-    previous domain)."""
+    previous domain); ``ckpt_path``: where an episodic stream checkpoints."""
     from tqdm.auto import tqdm
 
-    episodic, ckpt_path = adapter.method.episodic, _checkpoint_path(path)
+    episodic, ckpt_path = adapter.method.episodic, ckpt_path or _checkpoint_path(path)
     done, wall_s = _resume(ckpt_path, key) if episodic else (None, 0.0)
     recorder = Recorder(start=done)
     resumed_from, start, first_step = len(recorder), time.perf_counter(), step
@@ -518,12 +534,16 @@ def _stream(spec: BenchSpec, adapter: Adapter, predict: Callable[[list[int]], to
     if not len(recorder):
         raise ValueError("The stream is empty: no images to evaluate.")
     samples = recorder.samples()
-    latency = samples.latency_ms.astype(float)
     reduced = {"batch_images_reduced_to": step} if step != first_step else {}
     return {"resumed_from": resumed_from, **reduced,
-            "timing": {"wall_s": wall_s + time.perf_counter() - start,
-                       "latency_ms_mean": float(latency.mean()), "latency_ms_median": float(np.median(latency)),
-                       "latency_ms_p90": float(np.percentile(latency, 90))}}, samples
+            "timing": stream_timing(samples, wall_s + time.perf_counter() - start)}, samples
+
+
+def stream_timing(samples: Samples, wall_s: float) -> dict[str, float]:
+    """The ``timing`` record of a stream: its wall time and the per-image latency statistics."""
+    latency = samples.latency_ms.astype(float)
+    return {"wall_s": wall_s, "latency_ms_mean": float(latency.mean()), "latency_ms_median": float(np.median(latency)),
+            "latency_ms_p90": float(np.percentile(latency, 90))}
 
 
 def _free_device_memory() -> None:

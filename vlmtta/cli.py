@@ -46,6 +46,17 @@ def _batch_images(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _seeds(text: str) -> list[int]:
+    """An argparse type: one seed or a comma list of seeds."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a seed or a comma list of seeds, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
 def _count(minimum: int = 1):
     """An argparse type: a whole number >= ``minimum``."""
     def parse(text: str) -> int:
@@ -159,7 +170,8 @@ def _add_bench_parser(commands) -> None:
     _add_backbone_args(bench)
     bench.add_argument("--templates", default=None, help="template set for every method (default: the method's own, "
                                                          "else tda:<dataset>; cifar18 on CIFAR-C)")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=_seeds, default=[0],
+                       help="seed of the views and the stream order; a comma list (0,1,2) runs every cell once per seed")
     bench.add_argument("--order", default=None,
                        help="stream order: shuffled (alias iid), sorted, grouped (classes contiguous) or "
                             "dirichlet[:ALPHA] (Dirichlet label shift, default ALPHA 0.1); default: shuffled, file "
@@ -191,6 +203,22 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--force", action="store_true", help="recompute finished results")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--table", choices=("md", "csv"), default=None, help="print the table of --results at the end")
+    grid = bench.add_argument_group("grid engine", "run each (dataset, method) cell as a task (see 'Running a grid "
+                                    "on Ray' in README.rst)")
+    grid.add_argument("--engine", choices=("sequential", "ray"), default="sequential",
+                      help="sequential: one cell after another in this process (default); ray: each cell a Ray task "
+                           '(pip install -e ".[distributed]")')
+    grid.add_argument("--address", default=None,
+                      help="Ray cluster to join: auto (the running cluster), ray://HOST:10001; default: start a local Ray")
+    grid.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs each Ray task reserves (default: 1)")
+    grid.add_argument("--gpus-per-cell", type=float, default=0.0,
+                      help="GPUs each Ray task reserves, a fraction shares one (e.g. 0.25: four cells per GPU; "
+                           "default: 0)")
+    grid.add_argument("--images-per-task", type=_count(), default=None,
+                      help="split episodic cells into Ray tasks of this many images, merged into one result (online "
+                           "streams are never split)")
+    grid.add_argument("--retries", type=int, default=1,
+                      help="Ray: times a task is retried when its worker dies (default: 1)")
     bench.set_defaults(model=None, pretrained=None)  # ViT-B-16 / openai, or the testbed model with --suite testbed
     bench.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
                        help="features files: CLIP logits in the file's precision (auto: fp16 files are scored as "
@@ -424,6 +452,11 @@ def _bench(args: argparse.Namespace) -> int:
     from .data import DatasetNotFound, parse_datasets
 
     if args.suite == "testbed":
+        if args.engine != "sequential":
+            raise ValueError("--suite testbed runs in this process; --engine ray runs --datasets or --features grids.")
+        if len(args.seed) > 1:
+            raise ValueError("--suite testbed takes one --seed.")
+        args.seed = args.seed[0]
         return _bench_testbed(args)
     args.model = "ViT-B-16" if args.model is None else args.model
     args.pretrained = "auto" if args.pretrained is None else args.pretrained
@@ -434,7 +467,7 @@ def _bench(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     common = dict(methods=methods, results_dir=Path(args.results), root=Path(args.root) if args.root else None,
                   splits_dir=args.splits_dir, model=args.model, pretrained=args.pretrained, device=args.device,
-                  templates=args.templates, seed=args.seed, order=args.order, options=dict(args.options),
+                  templates=args.templates, order=args.order, options=dict(args.options),
                   augmentation=args.augmentation, cache_dir=args.cache_dir, tag=args.tag, limit=args.limit,
                   checkpoint_every=args.checkpoint_every, workers=args.workers, progress=not args.no_progress,
                   force=args.force, precision=args.precision, reset_between=args.reset_between or "never",
@@ -448,11 +481,20 @@ def _bench(args: argparse.Namespace) -> int:
             raise ValueError("bench needs --root DIR (with --datasets) or --features FILE.pt.")
         keys = parse_datasets(args.datasets, args.severity)
         sources = [dict(domains=keys)] if args.continual else [dict(dataset=key) for key in keys]
+    sources = [dict(source, seed=seed) for seed in args.seed for source in sources]
+    if args.engine == "ray":
+        return _bench_grid(args, [BenchSpec(**common, **source) for source in sources])
+    grid_flags = [flag for flag, value, default in (("--address", args.address, None), ("--cpus-per-cell",
+                  args.cpus_per_cell, 1.0), ("--gpus-per-cell", args.gpus_per_cell, 0.0), ("--images-per-task",
+                  args.images_per_task, None), ("--retries", args.retries, 1)) if value != default]
+    if grid_flags:
+        raise ValueError(f"{', '.join(grid_flags)} appl{'ies' if len(grid_flags) == 1 else 'y'} to --engine ray only.")
     failed = 0
     for source in sources:
         try:
             for r in run_bench(BenchSpec(**common, **source)):
-                print(f"{r['dataset']:<16} {r['method']:<14} {r['accuracy']:6.2f} %  ({r['correct']}/{r['n']})")
+                seed = f"  seed {r['seed']}" if len(args.seed) > 1 else ""
+                print(f"{r['dataset']:<16} {r['method']:<14} {r['accuracy']:6.2f} %  ({r['correct']}/{r['n']}){seed}")
         except (DatasetNotFound, EmptySource) as error:
             print(f"vlmtta: skipping: {error}", file=sys.stderr)
             failed += 1
@@ -461,6 +503,19 @@ def _bench(args: argparse.Namespace) -> int:
 
         print(format_tables(load_results(args.results, _warn), args.table), end="")
     return 1 if failed else 0
+
+
+def _bench_grid(args: argparse.Namespace, specs: list) -> int:
+    """``bench --engine ray``: every cell a Ray task; one line per finished cell, then a summary."""
+    from .grid import run_grid
+    from .results import format_tables, load_results
+
+    report = run_grid(specs, engine=args.engine, images_per_task=args.images_per_task, address=args.address,
+                      cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, retries=args.retries,
+                      echo=lambda line: print(line, flush=True))
+    if args.table:
+        print(format_tables(load_results(args.results, _warn), args.table), end="")
+    return 1 if report.failed else 0
 
 
 def _table(args: argparse.Namespace) -> int:
