@@ -43,10 +43,18 @@ def select_confident(logits: torch.Tensor, ratio: float, scores: torch.Tensor | 
     """Indices of the ``ratio`` most confident views, lowest score first.
 
     ``scores`` defaults to the Shannon entropy of each row of ``logits`` [N, C]; any other
-    per-view uncertainty (e.g. a Tsallis entropy) can be passed instead.
+    per-view uncertainty (e.g. a Tsallis entropy) can be passed instead.  With leading batch
+    dimensions (logits [..., N, C], scores [..., N]) each image's views are ranked on their own:
+    indices [..., k] (gather them with ``gather_views``).
     """
     scores = shannon_entropy(logits) if scores is None else scores
-    return torch.argsort(scores, stable=True)[: confident_count(logits.shape[0], ratio)]
+    return torch.argsort(scores, dim=-1, stable=True)[..., : confident_count(logits.shape[-2], ratio)]
+
+
+def gather_views(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``rows`` [B, N, ...] at per-image view indices ``index`` [B, K] -> [B, K, ...] (``rows[b, index[b]]``)."""
+    batch = torch.arange(rows.shape[0], device=rows.device).unsqueeze(-1)
+    return rows[batch, index.to(rows.device)]
 
 
 def tsallis_entropy(logits: torch.Tensor, q: float | torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -171,10 +171,10 @@ class Method:
         return run().detach().float()
 
     def logits(self, features: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
-        """CLIP logits ``scale * features @ text.T`` [N, C]."""
+        """CLIP logits ``scale * features @ text.T`` [N, C]; per image [B, N, C] from [B, N, D] and [B, C, D]."""
         text = self.context.text_features if text_features is None else text_features
         dtype = self.context.logits_dtype
-        return (self.context.logit_scale * features.to(dtype) @ text.to(dtype).t()).float()
+        return (self.context.logit_scale * features.to(dtype) @ text.to(dtype).mT).float()
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -12,18 +12,19 @@ ORTHOGONALITY_FORMS = ("code", "frobenius")
 
 
 def orthogonality_penalty(text_features: torch.Tensor, form: str = "code") -> torch.Tensor:
-    """How far the normalised class text features [C, D] are from orthonormal, through their Gram matrix ``G``.
+    """How far the normalised class text features [C, D] are from orthonormal, through their Gram matrix ``G``
+    (one value per image from [B, C, D]).
 
     ``code``: ``mean_c | ||G_c|| - 1 |`` over the rows ``G_c``, the value of the official code's construction
     (a Householder reflection of each row ``G_c`` onto ``||G_c|| e_c``, minus the identity, row norms averaged);
     since ``G_cc = 1`` it is ``mean_c sqrt(1 + sum_{k != c} cos^2(t_c, t_k)) - 1``.  ``frobenius``:
     ``||G - I||_F``, the plain orthogonality penalty.
     """
-    gram = text_features @ text_features.t()
+    gram = text_features @ text_features.mT
     if form == "code":
-        return (torch.linalg.vector_norm(gram, dim=-1) - 1).abs().mean()
+        return (torch.linalg.vector_norm(gram, dim=-1) - 1).abs().mean(dim=-1)
     if form == "frobenius":
-        return torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype))
+        return torch.linalg.matrix_norm(gram - torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype))
     raise ValueError(f"Unknown orthogonality form {form!r}; accepted: {', '.join(ORTHOGONALITY_FORMS)}.")
 
 
@@ -62,5 +63,6 @@ class OTPT(TPT):
         self.otpt_lambda, self.orthogonality = float(otpt_lambda), orthogonality
 
     def loss(self, logits: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Marginal entropy of the selected views + ``otpt_lambda`` x the orthogonality penalty."""
-        return marginal_entropy(logits.float()) + self.otpt_lambda * orthogonality_penalty(text.float(), self.orthogonality)
+        """Marginal entropy of the selected views + ``otpt_lambda`` x the orthogonality penalty (per image from
+        [B, K, C] and [B, C, D], as TPT's)."""
+        return marginal_entropy(logits.float().movedim(-2, 0)) + self.otpt_lambda * orthogonality_penalty(text.float(), self.orthogonality)

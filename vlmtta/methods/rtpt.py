@@ -11,11 +11,11 @@ from .tpt import FINE_GRAINED, TPT
 
 def reliability_weights(features: torch.Tensor, neighbours: int, temperature: float) -> torch.Tensor:
     """R-TPT's view weights [N]: softmax over views of ``mean cos`` to their ``neighbours`` most similar other views
-    (features [N, D], L2-normalised) divided by ``temperature``."""
-    similarity = features @ features.t()
-    similarity.fill_diagonal_(float("-inf"))
-    k = min(neighbours, features.shape[0] - 1)
-    return (similarity.topk(k, dim=-1).values.mean(dim=-1) / temperature).softmax(dim=0)
+    (features [N, D], L2-normalised) divided by ``temperature``; per image [B, N] from [B, N, D]."""
+    similarity = features @ features.mT
+    similarity.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+    k = min(neighbours, features.shape[-2] - 1)
+    return (similarity.topk(k, dim=-1).values.mean(dim=-1) / temperature).softmax(dim=-1)
 
 
 @register
@@ -53,8 +53,8 @@ class RTPT(TPT):
         self.neighbours, self.temperature = int(neighbours), float(temperature)
 
     def loss(self, logits: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Mean per-view entropy of the selected views."""
-        return shannon_entropy(logits.float()).mean()
+        """Mean per-view entropy of the selected views (one per image from [B, K, C])."""
+        return shannon_entropy(logits.float()).mean(dim=-1)
 
     @torch.no_grad()
     def predict_after_tuning(self, features: torch.Tensor) -> torch.Tensor:
@@ -64,3 +64,10 @@ class RTPT(TPT):
             text = self.learner()
         weights = reliability_weights(features.float(), self.neighbours, self.temperature)
         return (weights @ self.logits(features, text).float()).softmax(dim=-1)
+
+    def predict_many(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Each image's reliability-weighted ensemble of its views' logits under its tuned text features."""
+        if features.shape[-2] == 1:
+            return super().predict_many(features, text)
+        weights = reliability_weights(features.float(), self.neighbours, self.temperature)
+        return (weights.unsqueeze(-2) @ self.logits(features, text).float()).squeeze(-2).softmax(dim=-1)

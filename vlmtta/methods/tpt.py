@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from ..entropy import check_confidence, confidence_scores, marginal_entropy, select_confident
+from ..entropy import check_confidence, confidence_scores, gather_views, marginal_entropy, select_confident
 from ..prompt_learner import DEFAULT_CTX_INIT, PromptLearner, init_context, load_context
 from .base import Context, Method, Need, register
 
@@ -13,11 +13,13 @@ FINE_GRAINED = ("caltech101", "dtd", "eurosat", "fgvc_aircraft", "food101", "oxf
                 "stanford_cars", "sun397", "ucf101")
 NATURAL_SHIFT = ("imagenet", "imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch")
 GRAD_SCALER_INIT = 1000.0  # TPT's GradScaler(init_scale=1000)
+PROMPTS_PER_PASS = 4096  # many-image path: images x classes through the text tower at once (memory bound)
 
 
 def text_feature_dispersion(text_features: torch.Tensor) -> torch.Tensor:
-    """C-TPT's ATFD: mean L2 distance of the normalised class text features [C, D] to their centroid."""
-    return (text_features - text_features.mean(dim=0)).norm(dim=-1).mean()
+    """C-TPT's ATFD: mean L2 distance of the normalised class text features [C, D] to their centroid
+    (one per image from [B, C, D])."""
+    return (text_features - text_features.mean(dim=-2, keepdim=True)).norm(dim=-1).mean(dim=-1)
 
 
 @register
@@ -50,6 +52,19 @@ class TPT(Method):
             (image-independent) across images, so the first step of each image needs only the
             backward pass; costs that graph's memory between images.
 
+    Many images at once (``predict_views_many``, ``Adapter.step_many``, ``bench --batch-images``): the B x N
+    views are encoded in one batch and B contexts [B, M, W] are tuned together, with independent state: the
+    text tower runs on B x C prompts (truncated context), each image keeps its own confident views, the
+    per-image losses are summed (so each context receives its own image's gradient) and one AdamW over the
+    [B, M, W] tensor updates each image's context with its own moments (AdamW is elementwise, weight decay
+    included, and every image takes the same number of steps).  The outputs equal one image at a time up to
+    float rounding; the tuned contexts are left in ``tuned_contexts``.  Images are processed in chunks of
+    ``prompts_per_pass // C`` (at least one) so that 1000 classes do not exhaust memory.  On CUDA the batch
+    shares one gradient-scaler step: an fp16 overflow in any image's gradient skips that step for the whole
+    chunk (one image at a time it skips only that image's step), and the scale grows per chunk step.  The
+    first step recomputes the text features at the initial context for the batch (``cache_init_graph``
+    serves the one-image path only).  ``reference_impl`` runs one image at a time.
+
     Deviation from the official code (documented, not optional): TPT keeps one ``GradScaler``
     for the whole run; vlmtta does too (``reset`` does not touch it), so only fp16 overflows,
     which skip a step and lower the scale, carry over between images, as in the original.
@@ -63,6 +78,7 @@ class TPT(Method):
     dataset_defaults = {name: {"augmentation": "augmix"} for name in FINE_GRAINED}
     weight_decay: float = 0.01  # AdamW's (torch's default, as TPT); RLCF makes it an option
     predicts_from_all_views: ClassVar[bool] = False  # whether predict_after_tuning reads every view (R-TPT)
+    vectorised: ClassVar[bool] = True  # whether predict_views_many tunes B images in one step
 
     def __init__(self, n_views: int = 64, augmentation: str = "rrc_flip", steps: int = 1, lr: float = 5e-3,
                  confidence_ratio: float = 0.1, confidence: str = "shannon", q: float = 1.0, n_ctx: int = 4,
@@ -80,6 +96,8 @@ class TPT(Method):
         self.ctpt_lambda, self.reference_impl = float(ctpt_lambda), bool(reference_impl)
         self.cache_init_graph, self.init_seed = bool(cache_init_graph), int(init_seed)
         self.learner: PromptLearner | None = None
+        self.prompts_per_pass = PROMPTS_PER_PASS  # many-image chunking (an attribute, not a hyperparameter)
+        self.tuned_contexts: torch.Tensor | None = None  # [B, M, W] after predict_views_many
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def bind(self, context: Context) -> None:
@@ -135,8 +153,9 @@ class TPT(Method):
         return confidence_scores(logits.float(), self.confidence, self.q)
 
     def loss(self, logits: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Marginal entropy of the selected views' logits, minus ``ctpt_lambda`` x ATFD (C-TPT)."""
-        loss = marginal_entropy(logits.float())
+        """Marginal entropy of the selected views' logits [K, C], minus ``ctpt_lambda`` x ATFD (C-TPT) of the
+        text features [C, D]; one loss per image [B] from [B, K, C] and [B, C, D]."""
+        loss = marginal_entropy(logits.float().movedim(-2, 0))
         if self.ctpt_lambda:
             loss = loss - self.ctpt_lambda * text_feature_dispersion(text.float())
         return loss
@@ -151,6 +170,64 @@ class TPT(Method):
         with self.context.backbone.autocast():
             text = self.learner()
         return self.logits(features, text).float().softmax(dim=-1)[0]
+
+    # ---- many images at once ------------------------------------------------------------------
+    def predict_views_many(self, views: torch.Tensor, sources: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Probabilities [B, C] of B images from their views [B, N, 3, S, S]: all views encoded in one batch, the B
+        contexts tuned together in chunks of ``images_per_pass`` images (see the class docstring)."""
+        if self.reference_impl or not self.vectorised:
+            return super().predict_views_many(views, sources)
+        backbone = self.context.require_backbone(self.name)
+        b, n = views.shape[:2]
+        encoded = backbone.encode_images(views.flatten(0, 1)).reshape(b, n, -1)
+        probs, contexts = [], []
+        with torch.inference_mode(False):
+            for start in range(0, b, self.images_per_pass()):
+                chunk = slice(start, start + self.images_per_pass())
+                p, ctx = self.adapt_many(encoded[chunk].clone(), views[chunk])  # clone: a normal tensor
+                probs.append(p)
+                contexts.append(ctx)
+        self.reset()
+        self.tuned_contexts = torch.cat(contexts)
+        return torch.cat(probs)
+
+    def images_per_pass(self) -> int:
+        """How many images one pass of the text tower serves: ``prompts_per_pass // C``, at least one."""
+        return max(1, int(self.prompts_per_pass) // self.learner.n_classes)
+
+    def adapt_many(self, features: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities [B, C], tuned contexts [B, M, W]) of B images from their views' features [B, N, D]
+        (``views`` [B, N, 3, S, S]: for methods that look at the pixels again, e.g. RLCF's reward model)."""
+        contexts = self.tune_many(features)
+        with torch.no_grad(), self.context.backbone.autocast():
+            text = self.learner.forward_many(contexts)
+        with torch.no_grad():
+            return self.predict_many(features, text).float(), contexts
+
+    @torch.enable_grad()
+    def tune_many(self, features: torch.Tensor) -> torch.Tensor:
+        """``steps`` AdamW steps of B independent contexts on the views' features [B, N, D] -> contexts [B, M, W]."""
+        contexts = self._init_ctx.expand(features.shape[0], -1, -1).clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([contexts], lr=self.lr, weight_decay=self.weight_decay)
+        selected = None
+        for _ in range(self.steps):
+            with self.context.backbone.autocast():
+                text = self.learner.forward_many(contexts)
+                logits = self.logits(features, text)
+                if selected is None:
+                    selected = self.select(logits.detach(), features)
+                loss = self.loss(gather_views(logits, selected), text).sum()  # d(sum)/d(ctx_b) = image b's gradient
+            (grad,) = torch.autograd.grad(self._scaler.scale(loss), contexts)
+            contexts.grad = grad
+            self._scaler.step(optimizer)
+            self._scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        return contexts.detach()
+
+    def predict_many(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Probabilities [B, C] from the views' features [B, N, D] and each image's tuned text features [B, C, D]
+        (TPT: the original view's)."""
+        return self.logits(features[:, :1], text).float().softmax(dim=-1)[:, 0]
 
     # ---- internals ----------------------------------------------------------------------------
     def _text_with_grad(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
