@@ -59,3 +59,29 @@ def test_the_batch_leaves_the_method_reset(tiny_backbone):
     torch.testing.assert_close(method.learner.ctx.detach(), method._init_ctx)
     method.reset()
     torch.testing.assert_close(method.predict_views(image_views(1)[0]), first)
+
+
+def test_rlcf_many_equals_one_at_a_time(tiny_backbone, tmp_path):
+    import open_clip
+
+    from conftest import TINY_CONFIG, write_model_dir
+
+    config = {**TINY_CONFIG, "embed_dim": 48,  # test_rlcf's reward model (its cosines are mostly > 0)
+              "vision_cfg": {**TINY_CONFIG["vision_cfg"], "image_size": 48, "width": 96}}
+    torch.manual_seed(5)
+    reward = write_model_dir(tmp_path / "reward", config, open_clip.CLIP(**config).state_dict())
+    one, many = (bound_method("rlcf", tiny_backbone, CLASSES, n_views=16, reward_model=reward,
+                              reward_pretrained=None) for _ in range(2))
+    assert_many_equals_one(one, many, image_views(3, n_views=16, seed=4))
+
+
+@pytest.mark.parametrize("options", [{}, {"steps": 3, "per_class": False}])
+def test_tps_many_equals_one_at_a_time(tiny_backbone, options):
+    method = bound_method("tps", tiny_backbone, CLASSES, n_views=16, **options)
+    features = tiny_backbone.encode_images(image_views(4, 16, seed=2).flatten(0, 1)).view(4, 16, -1)
+    shifts = method.adapt(features.clone())
+    assert shifts.shape == (4, len(CLASSES) if not options else 1, features.shape[-1])
+    for b in range(4):  # the tuned shifts and the predictions, image by image
+        torch.testing.assert_close(shifts[b], method.adapt(features[b].clone()), **TOL)
+    expected = torch.stack([method.predict_features(f) for f in features])
+    torch.testing.assert_close(method.predict_features_many(features), expected, **TOL)

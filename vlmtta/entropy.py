@@ -52,7 +52,10 @@ def select_confident(logits: torch.Tensor, ratio: float, scores: torch.Tensor | 
 
 
 def gather_views(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``rows`` [B, N, ...] at per-image view indices ``index`` [B, K] -> [B, K, ...] (``rows[b, index[b]]``)."""
+    """``rows`` [B, N, ...] at per-image view indices ``index`` [B, K] -> [B, K, ...] (``rows[b, index[b]]``);
+    one image's ``rows[index]`` when ``index`` is 1-D."""
+    if index.ndim == 1:
+        return rows[index.to(rows.device)]
     batch = torch.arange(rows.shape[0], device=rows.device).unsqueeze(-1)
     return rows[batch, index.to(rows.device)]
 
