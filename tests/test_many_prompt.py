@@ -46,8 +46,8 @@ def test_many_equals_one_at_a_time(tiny_backbone, name, options):
 
 @pytest.mark.parametrize("prompts_per_pass", [1, 2 * len(CLASSES)])
 def test_chunks_over_images_give_the_same_outputs(tiny_backbone, prompts_per_pass):
-    one, many = (bound_method("ctpt", tiny_backbone, CLASSES, n_views=8, steps=2) for _ in range(2))
-    many.prompts_per_pass = prompts_per_pass
+    one = bound_method("ctpt", tiny_backbone, CLASSES, n_views=8, steps=2)
+    many = bound_method("ctpt", tiny_backbone, CLASSES, n_views=8, steps=2, prompts_per_pass=prompts_per_pass)
     assert many.images_per_pass() == max(1, prompts_per_pass // len(CLASSES))
     assert_many_equals_one(one, many, image_views(5, seed=3))
 
@@ -85,3 +85,23 @@ def test_tps_many_equals_one_at_a_time(tiny_backbone, options):
         torch.testing.assert_close(shifts[b], method.adapt(features[b].clone()), **TOL)
     expected = torch.stack([method.predict_features(f) for f in features])
     torch.testing.assert_close(method.predict_features_many(features), expected, **TOL)
+
+
+@pytest.mark.parametrize("cosine_on,cosine_scope", [("features", "generated"), ("logits", "all")])
+def test_difftpt_many_equals_one_at_a_time(tiny_backbone, tmp_path, cosine_on, cosine_scope):
+    from test_generation import FakePipeline
+
+    from vlmtta.generation import VariationGenerator
+
+    def method():
+        return bound_method("difftpt", tiny_backbone, CLASSES, n_views=8, n_generated=4, steps=2, cache_dir=tmp_path,
+                            cosine_on=cosine_on, cosine_scope=cosine_scope,
+                            pipeline=VariationGenerator(FakePipeline(), name="fake"))
+
+    one, many = method(), method()
+    features, logits = torch.randn(3, 12, 16), torch.randn(3, 12, len(CLASSES))  # the selection, image by image
+    one._n_conventional = many._n_conventional = 8
+    selected = many.select(logits, features)
+    for b in range(3):
+        assert selected[b].tolist() == one.select(logits[b], features[b]).tolist()
+    assert_many_equals_one(one, many, image_views(3, seed=5))

@@ -6,7 +6,7 @@ import torch
 from ..entropy import marginal_entropy
 from ..prompt_learner import DEFAULT_CTX_INIT
 from .base import register
-from .tpt import FINE_GRAINED, NATURAL_SHIFT, TPT
+from .tpt import PROMPTS_PER_PASS, FINE_GRAINED, NATURAL_SHIFT, TPT
 
 ORTHOGONALITY_FORMS = ("code", "frobenius")
 
@@ -53,10 +53,12 @@ class OTPT(TPT):
     def __init__(self, n_views: int = 64, augmentation: str = "augmix", steps: int = 1, lr: float = 5e-3,
                  confidence_ratio: float = 0.1, n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT,
                  coop_ctx: str | None = None, otpt_lambda: float = 18.0, orthogonality: str = "code",
-                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0):
+                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0,
+                 prompts_per_pass: int = PROMPTS_PER_PASS):
         super().__init__(n_views=n_views, augmentation=augmentation, steps=steps, lr=lr,
                          confidence_ratio=confidence_ratio, n_ctx=n_ctx, ctx_init=ctx_init, coop_ctx=coop_ctx,
-                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed)
+                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed,
+                         prompts_per_pass=prompts_per_pass)
         if otpt_lambda < 0 or orthogonality not in ORTHOGONALITY_FORMS:
             raise ValueError(f"{self.name}: need otpt_lambda >= 0 and orthogonality in {ORTHOGONALITY_FORMS}; "
                              f"got {otpt_lambda}, {orthogonality!r}.")

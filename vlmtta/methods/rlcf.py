@@ -8,7 +8,7 @@ from ..backbone import FrozenCLIP, load_backbone
 from ..entropy import gather_views
 from ..prompt_learner import DEFAULT_CTX_INIT
 from .base import Context, register
-from .tpt import TPT
+from .tpt import PROMPTS_PER_PASS, TPT
 
 REWARD_WEIGHT = 2.5  # CLIPScore's w: reward = 2.5 * max(cos, 0)
 
@@ -59,10 +59,12 @@ class RLCF(TPT):
                  weight_decay: float = 5e-4, confidence_ratio: float = 0.1, sample_k: int = 3,
                  reward_model: str = "ViT-L-14", reward_pretrained: str | None = "auto",
                  n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT, coop_ctx: str | None = None,
-                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0):
+                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0,
+                 prompts_per_pass: int = PROMPTS_PER_PASS):
         super().__init__(n_views=n_views, augmentation=augmentation, steps=steps, lr=lr,
                          confidence_ratio=confidence_ratio, n_ctx=n_ctx, ctx_init=ctx_init, coop_ctx=coop_ctx,
-                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed)
+                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed,
+                         prompts_per_pass=prompts_per_pass)
         if int(sample_k) < 1 or weight_decay < 0:
             raise ValueError(f"{self.name}: need sample_k >= 1 and weight_decay >= 0, got {sample_k}, {weight_decay}.")
         self.weight_decay, self.sample_k = float(weight_decay), int(sample_k)

@@ -6,7 +6,7 @@ import torch
 from ..entropy import shannon_entropy
 from ..prompt_learner import DEFAULT_CTX_INIT
 from .base import register
-from .tpt import FINE_GRAINED, TPT
+from .tpt import PROMPTS_PER_PASS, FINE_GRAINED, TPT
 
 
 def reliability_weights(features: torch.Tensor, neighbours: int, temperature: float) -> torch.Tensor:
@@ -44,10 +44,12 @@ class RTPT(TPT):
     def __init__(self, n_views: int = 64, augmentation: str = "rrc_flip", steps: int = 1, lr: float = 5e-3,
                  confidence_ratio: float = 0.1, n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT,
                  coop_ctx: str | None = None, neighbours: int = 20, temperature: float = 0.01,
-                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0):
+                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0,
+                 prompts_per_pass: int = PROMPTS_PER_PASS):
         super().__init__(n_views=n_views, augmentation=augmentation, steps=steps, lr=lr,
                          confidence_ratio=confidence_ratio, n_ctx=n_ctx, ctx_init=ctx_init, coop_ctx=coop_ctx,
-                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed)
+                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed,
+                         prompts_per_pass=prompts_per_pass)
         if int(neighbours) < 1 or not temperature > 0:
             raise ValueError(f"{self.name}: need neighbours >= 1 and temperature > 0, got {neighbours}, {temperature}.")
         self.neighbours, self.temperature = int(neighbours), float(temperature)
