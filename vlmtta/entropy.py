@@ -58,7 +58,8 @@ def select_confident(logits: torch.Tensor, ratio: float, scores: torch.Tensor | 
 
 def take_views(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Rows ``indices`` of each image's views: ``values`` [N, ...] with [K] -> [K, ...], or [B, N, ...] with
-    [B, K] -> [B, K, ...] (``select_confident``'s output)."""
+    [B, K] -> [B, K, ...] (``select_confident``'s output: ``values[b, indices[b]]``)."""
+    indices = indices.to(values.device)
     if indices.ndim == 1:
         return values[indices]
     return values[torch.arange(values.shape[0], device=values.device)[:, None], indices]

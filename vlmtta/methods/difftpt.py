@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..entropy import select_confident
+from ..entropy import take_views, select_confident
 from ..generation import (DEFAULT_GUIDANCE, DEFAULT_PIPELINE, DEFAULT_REVISION, DEFAULT_STEPS, DiffusionViews,
                           VariationGenerator, source_pixels, view_pixels)
 from ..prompt_learner import DEFAULT_CTX_INIT
 from .base import Context, register
-from .tpt import TPT
+from .tpt import PROMPTS_PER_PASS, TPT
 
 COSINE_SPACES = ("features", "logits")
 COSINE_SCOPES = ("generated", "all")
@@ -52,6 +52,10 @@ class DiffTPT(TPT):
     grey level here and there): a cache pre-generated on one machine serves runs on any other.
     Called with views alone (``Adapter.adapt_views(views)``), the key comes from view 0.
 
+    Many images at once (``predict_views_many``): each image's variations are fetched (or generated) in turn,
+    then its conventional + generated views go through TPT's many-image path (one encoding batch, B contexts
+    tuned together); the cosine filter and entropy selection run per image.
+
     Args (besides TPT's): n_generated (63), cosine_ratio, cosine_on, cosine_scope, pipeline (hub
     id, local folder, diffusers pipeline object or ``VariationGenerator``), revision,
     guidance_scale, inference_steps, generation_seed, cache_dir (default
@@ -69,11 +73,13 @@ class DiffTPT(TPT):
                  revision: str | None = DEFAULT_REVISION, guidance_scale: float = DEFAULT_GUIDANCE,
                  inference_steps: int = DEFAULT_STEPS, generation_seed: int = 0, cache_dir: str | Path | None = None,
                  n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT, coop_ctx: str | None = None,
-                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0):
+                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0,
+                 prompts_per_pass: int = PROMPTS_PER_PASS):
         super().__init__(n_views=n_views, augmentation=augmentation, steps=steps, lr=lr,
                          confidence_ratio=confidence_ratio, confidence=confidence, q=q, n_ctx=n_ctx,
                          ctx_init=ctx_init, coop_ctx=coop_ctx,
-                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed)
+                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed,
+                         prompts_per_pass=prompts_per_pass)
         if cosine_on not in COSINE_SPACES or cosine_scope not in COSINE_SCOPES:
             raise ValueError(f"{self.name}: cosine_on must be one of {COSINE_SPACES} and cosine_scope one of "
                              f"{COSINE_SCOPES}; got {cosine_on!r}, {cosine_scope!r}.")
@@ -112,13 +118,27 @@ class DiffTPT(TPT):
         self._n_conventional = views.shape[0]
         return super().predict_views(torch.cat([views, self.generated_views(views[0])]))
 
+    def predict_views_many(self, views: torch.Tensor, sources: list[torch.Tensor] | None = None) -> torch.Tensor:
+        if self.reference_impl:
+            return super().predict_views_many(views, sources)  # one image at a time, through predict_views
+        generated = []
+        for image_views, source in zip(views, [None] * len(views) if sources is None else sources):
+            if source is not None:
+                self.observe_source(source)
+            generated.append(self.generated_views(image_views[0]))
+        self._n_conventional = views.shape[1]
+        return super().predict_views_many(torch.cat([views, torch.stack(generated)], dim=1))
+
     def select(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Cosine filter (``cosine_ratio`` of the scoped views), then entropy selection over original + survivors."""
-        n, start = logits.shape[0], self._n_conventional if self.cosine_scope == "generated" else 1
+        """Cosine filter (``cosine_ratio`` of the scoped views), then entropy selection over original + survivors
+        (logits [N, C], features [N, D]; per image [B, K] from [B, N, C] and [B, N, D])."""
+        n, start = logits.shape[-2], self._n_conventional if self.cosine_scope == "generated" else 1
         candidates = torch.arange(start, n, device=logits.device)
         rows = features if self.cosine_on == "features" else logits.float()
-        similarity = F.cosine_similarity(rows[candidates], rows[:1], dim=-1)
-        order = torch.argsort(similarity, descending=True, stable=True)
-        kept = candidates[order[: int(len(candidates) * self.cosine_ratio)]]
-        pool = torch.cat([torch.arange(start, device=logits.device), kept])
-        return pool[select_confident(logits[pool], self.confidence_ratio, self.view_scores(logits[pool]))]
+        similarity = F.cosine_similarity(rows[..., start:, :], rows[..., :1, :], dim=-1)
+        order = torch.argsort(similarity, dim=-1, descending=True, stable=True)
+        kept = candidates[order[..., : int(len(candidates) * self.cosine_ratio)]]
+        unfiltered = torch.arange(start, device=logits.device).expand(*kept.shape[:-1], start)
+        pool = torch.cat([unfiltered, kept], dim=-1)
+        pooled = take_views(logits, pool)
+        return pool.gather(-1, select_confident(pooled, self.confidence_ratio, self.view_scores(pooled)))

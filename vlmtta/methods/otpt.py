@@ -6,13 +6,14 @@ import torch
 from ..entropy import marginal_entropy
 from ..prompt_learner import DEFAULT_CTX_INIT
 from .base import register
-from .tpt import FINE_GRAINED, NATURAL_SHIFT, TPT
+from .tpt import PROMPTS_PER_PASS, FINE_GRAINED, NATURAL_SHIFT, TPT
 
 ORTHOGONALITY_FORMS = ("paper", "code", "frobenius")
 
 
 def orthogonality_penalty(text_features: torch.Tensor, form: str = "paper") -> torch.Tensor:
-    """How far the normalised class text features [C, D] are from orthonormal, through their Gram matrix ``G``.
+    """How far the normalised class text features [C, D] are from orthonormal, through their Gram matrix ``G``
+    (one value per image from [B, C, D]).
 
     ``paper``: ``||G - I||_F^2``, the squared Frobenius norm summed over all C x C entries; with unit-norm rows the
     diagonal vanishes, so it is ``sum_{i != j} cos^2(t_i, t_j)`` (no mean, no square root).  ``code``:
@@ -20,13 +21,13 @@ def orthogonality_penalty(text_features: torch.Tensor, form: str = "paper") -> t
     reflection of each row ``G_c`` onto ``||G_c|| e_c``, minus the identity, row norms averaged); since
     ``G_cc = 1`` it is ``mean_c sqrt(1 + sum_{k != c} cos^2(t_c, t_k)) - 1``.  ``frobenius``: ``||G - I||_F``.
     """
-    gram = text_features @ text_features.t()
+    gram = text_features @ text_features.mT
     if form == "code":
-        return (torch.linalg.vector_norm(gram, dim=-1) - 1).abs().mean()
+        return (torch.linalg.vector_norm(gram, dim=-1) - 1).abs().mean(dim=-1)
     if form not in ("paper", "frobenius"):
         raise ValueError(f"Unknown orthogonality form {form!r}; accepted: {', '.join(ORTHOGONALITY_FORMS)}.")
-    residual = gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-    return residual.square().sum() if form == "paper" else torch.linalg.matrix_norm(residual)
+    residual = gram - torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+    return residual.square().sum(dim=(-2, -1)) if form == "paper" else torch.linalg.matrix_norm(residual)
 
 
 @register
@@ -62,15 +63,18 @@ class OTPT(TPT):
     def __init__(self, n_views: int = 64, augmentation: str = "augmix", steps: int = 1, lr: float = 5e-3,
                  confidence_ratio: float = 0.1, n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT,
                  coop_ctx: str | None = None, otpt_lambda: float = 18.0, orthogonality: str = "paper",
-                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0):
+                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0,
+                 prompts_per_pass: int = PROMPTS_PER_PASS):
         super().__init__(n_views=n_views, augmentation=augmentation, steps=steps, lr=lr,
                          confidence_ratio=confidence_ratio, n_ctx=n_ctx, ctx_init=ctx_init, coop_ctx=coop_ctx,
-                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed)
+                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed,
+                         prompts_per_pass=prompts_per_pass)
         if otpt_lambda < 0 or orthogonality not in ORTHOGONALITY_FORMS:
             raise ValueError(f"{self.name}: need otpt_lambda >= 0 and orthogonality in {ORTHOGONALITY_FORMS}; "
                              f"got {otpt_lambda}, {orthogonality!r}.")
         self.otpt_lambda, self.orthogonality = float(otpt_lambda), orthogonality
 
     def loss(self, logits: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Marginal entropy of the selected views + ``otpt_lambda`` x the orthogonality penalty."""
-        return marginal_entropy(logits.float()) + self.otpt_lambda * orthogonality_penalty(text.float(), self.orthogonality)
+        """Marginal entropy of the selected views + ``otpt_lambda`` x the orthogonality penalty (per image from
+        [B, K, C] and [B, C, D], as TPT's)."""
+        return marginal_entropy(logits.float().movedim(-2, 0)) + self.otpt_lambda * orthogonality_penalty(text.float(), self.orthogonality)

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import FrozenCLIP, load_backbone
+from ..entropy import take_views
 from ..prompt_learner import DEFAULT_CTX_INIT
 from .base import Context, register
-from .tpt import TPT
+from .tpt import PROMPTS_PER_PASS, TPT
 
 REWARD_WEIGHT = 2.5  # CLIPScore's w: reward = 2.5 * max(cos, 0)
 
@@ -17,14 +18,16 @@ def clip_rewards(image_features: torch.Tensor, text_features: torch.Tensor, samp
     """Baselined CLIPScore rewards [N, K] of the classes ``sampled`` [N, K] for each view.
 
     ``weight * max(cos(image_i, text_k), 0)`` from the reward model's L2-normalised image features [N, D] and
-    class text features [C, D], minus its mean over the K samples of the same view."""
-    scores = weight * torch.einsum("nd,nkd->nk", image_features, text_features[sampled]).clamp(min=0)
+    class text features [C, D], minus its mean over the K samples of the same view.  Leading image dimensions
+    are kept: [B, N, K] from [B, N, D] and [B, N, K]."""
+    scores = weight * torch.einsum("...nd,...nkd->...nk", image_features, text_features[sampled]).clamp(min=0)
     return scores - scores.mean(dim=-1, keepdim=True)
 
 
 def reward_loss(logits: torch.Tensor, rewards: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-    """Reward-weighted cross-entropy: ``mean_{i,k} rewards_ik * -log softmax(logits_i)[sampled_ik]``."""
-    return -(rewards * logits.log_softmax(dim=-1).gather(1, sampled)).mean()
+    """Reward-weighted cross-entropy: ``mean_{i,k} rewards_ik * -log softmax(logits_i)[sampled_ik]`` (one per image
+    [B] from [B, N, C], [B, N, K])."""
+    return -(rewards * logits.log_softmax(dim=-1).gather(-1, sampled)).mean(dim=(-2, -1))
 
 
 @register
@@ -44,7 +47,8 @@ class RLCF(TPT):
     size, bicubic, and renormalised with its mean/std) once per image and the class names with the method's
     templates once per class set.  The paper's policy starts from a 16-shot CoOp context (``coop_ctx``); the
     default starts from "a photo of a" like TPT.  The policy runs TPT's fast path (truncated text context,
-    views encoded once, ``reference_impl`` for the straightforward version).
+    views encoded once, ``reference_impl`` for the straightforward version).  Many images at once as TPT (see
+    its docstring); the reward model encodes the B images' kept views in one batch.
     """
 
     name = "rlcf"
@@ -55,10 +59,12 @@ class RLCF(TPT):
                  weight_decay: float = 5e-4, confidence_ratio: float = 0.1, sample_k: int = 3,
                  reward_model: str = "ViT-L-14", reward_pretrained: str | None = "auto",
                  n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT, coop_ctx: str | None = None,
-                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0):
+                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0,
+                 prompts_per_pass: int = PROMPTS_PER_PASS):
         super().__init__(n_views=n_views, augmentation=augmentation, steps=steps, lr=lr,
                          confidence_ratio=confidence_ratio, n_ctx=n_ctx, ctx_init=ctx_init, coop_ctx=coop_ctx,
-                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed)
+                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed,
+                         prompts_per_pass=prompts_per_pass)
         if int(sample_k) < 1 or weight_decay < 0:
             raise ValueError(f"{self.name}: need sample_k >= 1 and weight_decay >= 0, got {sample_k}, {weight_decay}.")
         self.weight_decay, self.sample_k = float(weight_decay), int(sample_k)
@@ -80,10 +86,18 @@ class RLCF(TPT):
         finally:
             self._views = None
 
+    def adapt_many(self, features: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._views = views
+        try:
+            return super().adapt_many(features, views)
+        finally:
+            self._views = None
+
     def select(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """TPT's confident views; the reward model encodes them once here."""
+        """TPT's confident views (per image [B, K] from [B, N, C]); the reward model encodes them once here."""
         selected = super().select(logits, features)
-        self._reward_images = self.reward.encode_images(self.for_reward(self._views[selected.to(self._views.device)]))
+        kept = take_views(self._views, selected).flatten(0, selected.ndim - 1)
+        self._reward_images = self.reward.encode_images(self.for_reward(kept)).view(*selected.shape, -1)
         return selected
 
     def loss(self, logits: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

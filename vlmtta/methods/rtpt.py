@@ -6,16 +6,16 @@ import torch
 from ..entropy import shannon_entropy
 from ..prompt_learner import DEFAULT_CTX_INIT
 from .base import register
-from .tpt import FINE_GRAINED, TPT
+from .tpt import PROMPTS_PER_PASS, FINE_GRAINED, TPT
 
 
 def reliability_weights(features: torch.Tensor, neighbours: int, temperature: float) -> torch.Tensor:
     """R-TPT's view weights [N]: softmax over views of ``mean cos`` to their ``neighbours`` most similar other views
-    (features [N, D], L2-normalised) divided by ``temperature``."""
-    similarity = features @ features.t()
-    similarity.fill_diagonal_(float("-inf"))
-    k = min(neighbours, features.shape[0] - 1)
-    return (similarity.topk(k, dim=-1).values.mean(dim=-1) / temperature).softmax(dim=0)
+    (features [N, D], L2-normalised) divided by ``temperature``; per image [B, N] from [B, N, D]."""
+    similarity = features @ features.mT
+    similarity.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+    k = min(neighbours, features.shape[-2] - 1)
+    return (similarity.topk(k, dim=-1).values.mean(dim=-1) / temperature).softmax(dim=-1)
 
 
 @register
@@ -44,17 +44,19 @@ class RTPT(TPT):
     def __init__(self, n_views: int = 64, augmentation: str = "rrc_flip", steps: int = 1, lr: float = 5e-3,
                  confidence_ratio: float = 0.1, n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT,
                  coop_ctx: str | None = None, neighbours: int = 20, temperature: float = 0.01,
-                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0):
+                 reference_impl: bool = False, cache_init_graph: bool = True, init_seed: int = 0,
+                 prompts_per_pass: int = PROMPTS_PER_PASS):
         super().__init__(n_views=n_views, augmentation=augmentation, steps=steps, lr=lr,
                          confidence_ratio=confidence_ratio, n_ctx=n_ctx, ctx_init=ctx_init, coop_ctx=coop_ctx,
-                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed)
+                         reference_impl=reference_impl, cache_init_graph=cache_init_graph, init_seed=init_seed,
+                         prompts_per_pass=prompts_per_pass)
         if int(neighbours) < 1 or not temperature > 0:
             raise ValueError(f"{self.name}: need neighbours >= 1 and temperature > 0, got {neighbours}, {temperature}.")
         self.neighbours, self.temperature = int(neighbours), float(temperature)
 
     def loss(self, logits: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Mean per-view entropy of the selected views."""
-        return shannon_entropy(logits.float()).mean()
+        """Mean per-view entropy of the selected views (one per image from [B, K, C])."""
+        return shannon_entropy(logits.float()).mean(dim=-1)
 
     @torch.no_grad()
     def predict_after_tuning(self, features: torch.Tensor) -> torch.Tensor:
@@ -64,3 +66,10 @@ class RTPT(TPT):
             text = self.learner()
         weights = reliability_weights(features.float(), self.neighbours, self.temperature)
         return (weights @ self.logits(features, text).float()).softmax(dim=-1)
+
+    def predict_many(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Each image's reliability-weighted ensemble of its views' logits under its tuned text features."""
+        if features.shape[-2] == 1:
+            return super().predict_many(features, text)
+        weights = reliability_weights(features.float(), self.neighbours, self.temperature)
+        return (weights.unsqueeze(-2) @ self.logits(features, text).float()).squeeze(-2).softmax(dim=-1)

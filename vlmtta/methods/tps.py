@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..entropy import check_confidence, confidence_scores, confident_count, marginal_entropy, select_confident
+from ..entropy import (check_confidence, confidence_scores, confident_count, take_views, marginal_entropy,
+                       select_confident)
 from .base import Context, Method, register
 
 
@@ -30,6 +31,10 @@ class TPS(Method):
     GPT-4 class descriptors; pass ``templates`` (e.g. ``imagenet80``) to build them; descriptors are not
     shipped.  The official code runs under fp16 autocast with a gradient scaler on CUDA; vlmtta optimises
     the shifts in float32 (the logits follow ``Context.logits_dtype``).
+
+    Many images at once (``predict_features_many``): the shifts get a leading image dimension [B, C, D], each
+    image ranks its own views and the per-image losses are summed, so one AdamW over the [B, C, D] tensor
+    (elementwise, same step count for every image) gives each image its own step: equal to one image at a time.
     """
 
     name = "tps"
@@ -58,25 +63,36 @@ class TPS(Method):
             with torch.no_grad():
                 return self.logits(features[:1], self.shifted(shift)).softmax(dim=-1)[0]
 
+    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
+        """Probabilities [B, C] of B images from their views' features [B, N, D]: all shifts tuned in one step."""
+        with torch.inference_mode(False):
+            features = features.float().clone()
+            shift = self.adapt(features)
+            with torch.no_grad():
+                return self.logits(features[:, :1], self.shifted(shift)).softmax(dim=-1)[:, 0]
+
     def adapt(self, features: torch.Tensor) -> torch.Tensor:
-        """The shifts [C, D] (or [D]) after ``steps`` AdamW steps on the views' features [N, D]."""
+        """The shifts [C, D] (or [1, D]) after ``steps`` AdamW steps on the views' features [N, D]; per image
+        [B, C, D] from [B, N, D]."""
         rows = self.prototypes.shape[0] if self.per_class else 1
-        shift = torch.zeros(rows, self.prototypes.shape[1], device=features.device, requires_grad=True)
+        shape = (*features.shape[:-2], rows, self.prototypes.shape[1])
+        shift = torch.zeros(shape, device=features.device, requires_grad=True)
         optimizer = torch.optim.AdamW([shift], lr=self.lr)
         with torch.enable_grad():
             for _ in range(self.steps):
-                loss = self.loss(features, shift)
+                loss = self.loss(features, shift).sum()  # per image: d(sum)/d(shift_b) = image b's gradient
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
         return shift.detach()
 
     def loss(self, features: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """Marginal entropy of the confident views' logits under the shifted prototypes."""
+        """Marginal entropy of the confident views' logits under the shifted prototypes (one per image [B])."""
         logits = self.logits(features, self.shifted(shift))
         scores = confidence_scores(logits.detach(), self.confidence, self.q)
-        return marginal_entropy(logits[select_confident(logits, self.confidence_ratio, scores)])
+        kept = take_views(logits, select_confident(logits, self.confidence_ratio, scores))
+        return marginal_entropy(kept.movedim(-2, 0))
 
     def shifted(self, shift: torch.Tensor) -> torch.Tensor:
-        """The shifted, renormalised class prototypes [C, D]."""
+        """The shifted, renormalised class prototypes [C, D] (per image [B, C, D])."""
         return F.normalize(self.prototypes + shift, dim=-1)
