@@ -15,7 +15,8 @@ from vlmtta.cli import main
 from vlmtta.grid import FAULT_ENV, run_grid
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow  # starting Ray and its workers takes tens of seconds on 2 cores
+# starting Ray and its workers takes tens of seconds on 2 cores, minutes on a loaded machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module", autouse=True)
