@@ -38,9 +38,7 @@ class TE(Method):
             return mean_probs(logits)  # every view is kept: nothing to rank
         return mean_probs(logits[select_confident(logits, self.ratio, confidence_scores(logits, "tsallis", self.q))])
 
-    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
-        if not self._vectorised_by(TE):
-            return super().predict_features_many(features)
+    def batched_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)  # [B, N, C]: one selection per image
         kept = take_views(logits, select_confident(logits, self.ratio, confidence_scores(logits, "tsallis", self.q)))
         return kept.softmax(-1).mean(-2)

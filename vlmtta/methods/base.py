@@ -141,8 +141,13 @@ class Method:
         """Class probabilities [B, C] of B images from their views' features [B, N, D], in stream order.
 
         Must equal ``predict_features`` on each image in turn, with ``reset()`` before each image for episodic
-        methods.  This default does exactly that, one image at a time; episodic methods override it with one
-        vectorised step whose per-image state carries a leading batch dimension."""
+        methods.  Episodic methods vectorise it by defining ``batched_features`` (one step whose per-image state
+        carries a leading batch dimension); it is used while the object is episodic and its ``predict_features``
+        is still that class's own (a subclass that changes it, or makes the method online, goes image by image).
+        Otherwise this runs ``predict_features`` one image at a time."""
+        owner = next((cls for cls in type(self).__mro__ if "batched_features" in vars(cls)), None)
+        if owner is not None and self.episodic and type(self).predict_features is owner.predict_features:
+            return self.batched_features(features)
         return torch.stack([self._one_image(lambda f=f: self.predict_features(f)) for f in features])
 
     def predict_views_many(self, views: torch.Tensor, sources: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -163,12 +168,6 @@ class Method:
             return self.predict_views(v)
 
         return torch.stack([self._one_image(lambda v=v, s=s: one(v, s)) for v, s in zip(views, sources)])
-
-    def _vectorised_by(self, owner: type) -> bool:
-        """Whether ``owner``'s vectorised ``predict_features_many`` applies to this object: it is episodic and its
-        ``predict_features`` is still ``owner``'s (a subclass that changes it, or makes the method online, gets
-        the image-by-image default instead)."""
-        return self.episodic and type(self).predict_features is owner.predict_features
 
     def _one_image(self, run) -> torch.Tensor:
         """``run()`` after a reset for episodic methods; its probabilities detached, float32."""

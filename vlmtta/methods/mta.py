@@ -41,14 +41,9 @@ class MTA(Method):
         self.outer_steps, self.inner_steps = int(outer_steps), int(inner_steps)
 
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self._predict_many(features[None])[0]
+        return self.batched_features(features[None])[0]
 
-    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
-        if not self._vectorised_by(MTA):
-            return super().predict_features_many(features)
-        return self._predict_many(features)
-
-    def _predict_many(self, features: torch.Tensor) -> torch.Tensor:
+    def batched_features(self, features: torch.Tensor) -> torch.Tensor:
         """Features [B, N, D] of B images -> [B, C]: one MeanShift per image, run side by side."""
         features = features.float()
         probs = self.logits(features).softmax(dim=-1)

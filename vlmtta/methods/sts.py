@@ -87,14 +87,9 @@ class STS(Method):
         super().bind(context)
 
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self._predict_many(features[None])[0]
+        return self.batched_features(features[None])[0]
 
-    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
-        if not self._vectorised_by(STS):
-            return super().predict_features_many(features)
-        return self._predict_many(features)
-
-    def _predict_many(self, features: torch.Tensor) -> torch.Tensor:
+    def batched_features(self, features: torch.Tensor) -> torch.Tensor:
         """Features [B, N, D] of B images -> [B, C]: B coefficient vectors [B, k_t], one AdamW on all of them
         (its update is elementwise and each image's loss depends on its own coefficients only)."""
         with torch.inference_mode(False):

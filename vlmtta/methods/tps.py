@@ -63,7 +63,7 @@ class TPS(Method):
             with torch.no_grad():
                 return self.logits(features[:1], self.shifted(shift)).softmax(dim=-1)[0]
 
-    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
+    def batched_features(self, features: torch.Tensor) -> torch.Tensor:
         """Probabilities [B, C] of B images from their views' features [B, N, D]: all shifts tuned in one step."""
         with torch.inference_mode(False):
             features = features.float().clone()

@@ -52,10 +52,8 @@ class Zero(Method):
             votes[break_tie(tied, logits[rest] if len(rest) else logits[order])] += 1
         return votes / votes.sum()
 
-    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
+    def batched_features(self, features: torch.Tensor) -> torch.Tensor:
         """``predict_features`` of B images at once: features [B, N, D] -> normalised votes [B, C]."""
-        if not self._vectorised_by(Zero):
-            return super().predict_features_many(features)
         logits = self.logits(features)
         b, n, c = logits.shape
         order = torch.argsort(confidence_scores(logits, self.confidence, self.q), dim=-1, stable=True)

@@ -20,9 +20,7 @@ class ZeroShot(Method):
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.logits(features).softmax(dim=-1).mean(dim=0)
 
-    def predict_features_many(self, features: torch.Tensor) -> torch.Tensor:
-        if not self._vectorised_by(ZeroShot):
-            return super().predict_features_many(features)
+    def batched_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.logits(features).softmax(dim=-1).mean(dim=-2)
 
 
