@@ -118,6 +118,13 @@ def _time(fn: Callable[[int], Any], device: torch.device, repeats: int, warmup: 
     return seconds, {"peak_mem_mb": memory["peak_mb"], "total_mem_mb": memory["total_mb"]}
 
 
+def _bench_adapter(name: str, classes: list[str], backbone: FrozenCLIP, n_views: int,
+                   method_options: dict[str, dict[str, Any]] | None) -> Adapter:
+    """``name`` bound to ``backbone`` with ``n_views`` views, a random reward model (RLCF) and the caller's options."""
+    options = _view_options(name, n_views) | _random_reward(name, backbone) | (method_options or {}).get(name, {})
+    return Adapter(classes, name, backbone=backbone, **options)
+
+
 def run_speed_benchmark(
     model: str = "ViT-B-16",
     pretrained: str | None = None,
@@ -133,13 +140,11 @@ def run_speed_benchmark(
     """Time every method (default: all registered) on one backbone; returns the protocol and one row per entry."""
     backbone = backbone or load_backbone(model, pretrained, device)
     classes = benchmark_classnames(n_classes)
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=generator).to(backbone.device)
+    image = synthetic_stream(1, backbone.device)[0]
     rows = [_encode_row(backbone, image, n_views, repeats, warmup)]
     for name in methods or method_names():
-        options = _view_options(name, n_views) | _random_reward(name, backbone) | (method_options or {}).get(name, {})
-        adapter = Adapter(classes, name, backbone=backbone, **options)
-        seconds, memory = _time(lambda i: adapter.step(image), backbone.device, repeats, warmup)
+        adapter = _bench_adapter(name, classes, backbone, n_views, method_options)
+        seconds, memory = _time(lambda i, adapter=adapter: adapter.step(image), backbone.device, repeats, warmup)
         rows.append({"entry": name, "n_views": adapter.view_config.n_views, "latency_ms": 1000 * seconds, **memory})
         del adapter  # its state must not count in the next method's memory
     base = rows[0]["latency_ms"]
@@ -216,8 +221,7 @@ def run_images_per_second(
 
     entries: dict[str, Callable[[list[torch.Tensor], int], Any]] = {f"encode {n_views} views": encode}
     for name in methods or method_names():
-        options = _view_options(name, n_views) | _random_reward(name, backbone) | (method_options or {}).get(name, {})
-        adapter = Adapter(classes, name, backbone=backbone, **options)
+        adapter = _bench_adapter(name, classes, backbone, n_views, method_options)
         entries[name] = lambda images, first, adapter=adapter: adapter.step_many(images)
     times: dict[tuple[str, int], list[float]] = {(e, b): [] for e in entries for b in sizes}
     for b in sizes:
