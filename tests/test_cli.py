@@ -70,6 +70,27 @@ def test_methods_and_version(capsys):
     assert result.stdout.strip() == f"vlmtta {__version__}"
 
 
+def test_bench_speed_resumes_an_interrupted_table(capsys, tiny_model_dir, tmp_path):
+    """Rows are saved as they finish; a re-run with the same settings keeps them and times only what is missing."""
+    output = tmp_path / "speed.json"
+    def run(methods: str, n_classes: int = 5) -> int:
+        return main(["bench-speed", "--model", tiny_model_dir, "--device", "cpu", "--n-views", "2", "--n-classes",
+                     str(n_classes), "--repeats", "1", "--warmup", "0", "--output", str(output), "--methods", methods])
+
+    assert run("zeroshot,no-such-method") == 2  # stops at the unknown method
+    partial = json.loads(output.read_text())
+    assert partial["complete"] is False and [r["entry"] for r in partial["rows"]] == ["encode 2 views", "zeroshot"]
+    assert run("zeroshot,tda") == 0
+    assert "bench-speed: zeroshot:" in capsys.readouterr().err
+    result = json.loads(output.read_text())
+    assert result["complete"] is True and [r["entry"] for r in result["rows"]] == ["encode 2 views", "zeroshot", "tda"]
+    for kept, earlier in zip(result["rows"][:2], partial["rows"]):
+        assert kept["resumed"] is True and kept["latency_ms"] == earlier["latency_ms"]
+    assert "resumed" not in result["rows"][2]
+    assert run("zeroshot", n_classes=6) == 0  # other settings: nothing is kept
+    assert not any(row.get("resumed") for row in json.loads(output.read_text())["rows"])
+
+
 def test_bench_speed(capsys, tiny_model_dir, tmp_path):
     output = tmp_path / "speed.json"
     code = main(["bench-speed", "--model", tiny_model_dir, "--device", "cpu", "--n-views", "4", "--n-classes", "20",

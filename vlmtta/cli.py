@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--n-classes", type=int, default=1000)
     speed.add_argument("--repeats", type=int, default=5)
     speed.add_argument("--warmup", type=int, default=1)
-    speed.add_argument("--output", default=None, help="write the JSON result here")
+    speed.add_argument("--output", default=None, help="write the JSON result here, after every row; a re-run with the "
+                       "same settings keeps the rows already there and times only the missing methods")
     speed.add_argument("--images-per-second", action="store_true",
                        help="stream synthetic images through Adapter.step_many B at a time and report images/s per "
                             "method and B, and its ratio to encoding the same views alone (instead of per-image "
@@ -413,7 +414,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _bench_speed(args: argparse.Namespace) -> int:
-    from .speed import format_table, run_speed_benchmark, save_result
+    from .speed import format_table, run_speed_benchmark
     from .writable import ensure_writable_file
 
     if args.output:
@@ -422,11 +423,16 @@ def _bench_speed(args: argparse.Namespace) -> int:
     if args.images_per_second:
         return _images_per_second(args, methods)
     result = run_speed_benchmark(args.model, args.pretrained, methods, n_views=args.n_views, n_classes=args.n_classes,
-                                 device=args.device, repeats=args.repeats, warmup=args.warmup)
+                                 device=args.device, repeats=args.repeats, warmup=args.warmup, output=args.output,
+                                 on_row=_print_speed_row)
     print(format_table(result))
-    if args.output:
-        save_result(result, args.output)
     return 0
+
+
+def _print_speed_row(row: dict) -> None:
+    """One progress line per timed entry (stderr), so a long CPU table shows where it is."""
+    resumed = " (from the earlier run)" if row.get("resumed") else ""
+    print(f"bench-speed: {row['entry']}: {row['latency_ms']:.1f} ms{resumed}", file=sys.stderr, flush=True)
 
 
 def _images_per_second(args: argparse.Namespace, methods: list[str] | None) -> int:

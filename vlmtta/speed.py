@@ -136,24 +136,66 @@ def run_speed_benchmark(
     warmup: int = 1,
     backbone: FrozenCLIP | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
+    output: str | Path | None = None,
+    on_row: Callable[[dict[str, Any]], Any] | None = None,
 ) -> dict[str, Any]:
-    """Time every method (default: all registered) on one backbone; returns the protocol and one row per entry."""
+    """Time every method (default: all registered) on one backbone; returns the protocol and one row per entry.
+    ``on_row`` (if given) sees each row as soon as it is timed or taken from ``output``.
+
+    With ``output``, the result so far is written there (atomically) after every row, marked ``"complete":
+    false`` until the last; a re-run with the same protocol keeps the rows already in that file and times only
+    the missing entries (a long CPU table survives an interruption).  Kept rows carry ``"resumed": true``:
+    they were timed in the earlier run, under whatever load it had.
+    """
     backbone = backbone or load_backbone(model, pretrained, device)
     classes = benchmark_classnames(n_classes)
     image = synthetic_stream(1, backbone.device)[0]
-    rows = [_encode_row(backbone, image, n_views, repeats, warmup)]
-    for name in methods or method_names():
+    protocol = {**backbone.describe(), "n_classes": n_classes, "n_views": n_views, "repeats": repeats,
+                "warmup": warmup, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "image": "random 500x375 RGB"}
+    done = _finished_rows(output, protocol)
+    encode = f"encode {n_views} views"
+    rows = [done.get(encode) or _encode_row(backbone, image, n_views, repeats, warmup)]
+    report = on_row or (lambda row: None)
+    report(rows[0])
+    _save_partial(output, protocol, rows, complete=False)
+    names = list(methods or method_names())
+    for name in names:
+        if name in done:
+            rows.append(done[name])
+            report(rows[-1])
+            continue
         adapter = _bench_adapter(name, classes, backbone, n_views, method_options)
         seconds, memory = _time(lambda i, adapter=adapter: adapter.step(image), backbone.device, repeats, warmup)
         rows.append({"entry": name, "n_views": adapter.view_config.n_views, "latency_ms": 1000 * seconds, **memory})
         del adapter  # its state must not count in the next method's memory
+        report(rows[-1])
+        _save_partial(output, protocol, rows, complete=False)
     base = rows[0]["latency_ms"]
     for row in rows:
         row["ratio_to_encode"] = row["latency_ms"] / base
-    return {"protocol": {**backbone.describe(), "n_classes": n_classes, "n_views": n_views, "repeats": repeats,
-                         "warmup": warmup, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                         "image": "random 500x375 RGB"},
-            "rows": rows}
+    result = {"protocol": protocol, "rows": rows}
+    _save_partial(output, protocol, rows, complete=True)
+    return result
+
+
+def _finished_rows(output: str | Path | None, protocol: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier run saved at ``output`` under the same protocol, by entry (marked resumed)."""
+    if output is None or not Path(output).is_file():
+        return {}
+    try:
+        earlier = json.loads(Path(output).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(earlier, dict) or earlier.get("protocol") != protocol:
+        return {}
+    return {row["entry"]: {**row, "resumed": True} for row in earlier.get("rows", []) if "entry" in row}
+
+
+def _save_partial(output: str | Path | None, protocol: dict[str, Any], rows: list[dict[str, Any]],
+                  complete: bool) -> None:
+    if output is not None:
+        save_result({"protocol": protocol, "rows": rows, "complete": complete}, output)
 
 
 def _view_options(name: str, n_views: int) -> dict[str, Any]:
@@ -274,5 +316,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def save_result(result: dict[str, Any], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2))
+    """Write ``result`` as JSON at ``path`` atomically (a temporary file renamed over it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(result, indent=2))
+    os.replace(temporary, path)
