@@ -101,5 +101,7 @@ def test_bench_speed(capsys, tiny_model_dir, tmp_path):
     result = json.loads(output.read_text())
     assert [r["entry"] for r in result["rows"]] == ["encode 4 views", "zeroshot"]
     assert result["rows"][0]["ratio_to_encode"] == 1.0 and result["protocol"]["n_classes"] == 20
+    method = result["rows"][1]  # its ratio is to the encode-only timing taken just before it, not to the first row
+    assert method["ratio_to_encode"] == pytest.approx(method["latency_ms"] / method["encode_ms"])
     assert all(row["total_mem_mb"] >= row["peak_mem_mb"] >= 0 for row in result["rows"])  # absolute peak >= growth
     assert all(row["total_mem_mb"] > 50 for row in result["rows"])  # the process itself (torch) is in the total

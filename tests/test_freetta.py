@@ -22,8 +22,9 @@ def _softmax(a: np.ndarray) -> np.ndarray:
 class NumpyFreeTTA:
     """The method written out directly: explicit inverse, explicit per-class loops, float64."""
 
-    def __init__(self, text, alpha, beta, posterior="fused", sigma=1.0, prior=1.0):
+    def __init__(self, text, alpha, beta, posterior="fused", sigma=1.0, prior=1.0, log_prior=True):
         c, d = text.shape
+        self.log_prior = log_prior
         self.text, self.alpha, self.beta, self.posterior = text, alpha, beta, posterior
         self.mu, self.cov = text.copy(), sigma * np.eye(d)
         self.n, self.t = np.full(c, prior / c), prior
@@ -31,7 +32,7 @@ class NumpyFreeTTA:
     def step(self, x):
         z = 100 * self.text @ x
         inv = np.linalg.inv(self.cov)
-        g = np.array([x @ inv @ m - 0.5 * m @ inv @ m for m in self.mu]) + np.log(self.n / self.t)
+        g = np.array([x @ inv @ m - 0.5 * m @ inv @ m for m in self.mu]) + self.log_prior * np.log(self.n / self.t)
         probs = _softmax(z + self.alpha * g)
         p0 = _softmax(z)
         w = np.exp(-self.beta * -(p0 * np.log(p0)).sum())
@@ -82,6 +83,20 @@ def test_stream_matches_the_numpy_reference(posterior):
         got = m.predict_features(feats[i:i + 1])
         np.testing.assert_allclose(got.numpy(), ref.step(feats[i].double().numpy()), atol=1e-5, err_msg=str(i))
     _check_state(m, ref)
+
+
+def test_without_the_log_prior_the_stream_matches_the_reference_without_it():
+    text, feats = clustered_features(12, 3, 10, noise=0.5)
+    m = _bound(text, alpha=0.3, beta=1.0, log_prior=False, **EXACT)
+    ref = NumpyFreeTTA(text.double().numpy(), 0.3, 1.0, log_prior=False)
+    with_prior = _bound(text, alpha=0.3, beta=1.0, **EXACT)
+    differs = False
+    for i in range(feats.shape[0]):
+        got = m.predict_features(feats[i:i + 1])
+        np.testing.assert_allclose(got.numpy(), ref.step(feats[i].double().numpy()), atol=1e-5, err_msg=str(i))
+        differs |= not torch.allclose(got, with_prior.predict_features(feats[i:i + 1]), atol=1e-4)
+    _check_state(m, ref)
+    assert differs  # the term matters on this stream, so the test above could fail
 
 
 def test_woodbury_update_equals_a_new_inverse():
@@ -155,8 +170,8 @@ def test_registry_and_options():
     cls = get_method_class("freetta")
     assert not cls.episodic and cls.needs == frozenset({Need.VIEW_FEATURES}) and cls.dataset_defaults == {}
     d = cls.defaults()
-    assert (d["alpha"], d["beta"], d["n_views"], d["posterior"], d["sigma"], d["prior_weight"]) == \
-        (0.2, 4.5, 1, "fused", 1.0, 1.0)
+    assert (d["alpha"], d["beta"], d["n_views"], d["posterior"], d["sigma"], d["prior_weight"], d["log_prior"]) == \
+        (0.2, 4.5, 1, "fused", 1.0, 1.0, True)
     assert check_options("freetta", posterior="gaussian", alpha="0.5") == {"posterior": "gaussian", "alpha": 0.5}
     for bad in ({"posterior": "map"}, {"alpha": -1.0}, {"sigma": 0.0}, {"max_rank": 0}, {"min_change": 1.0},
                 {"confident_ratio": 0.0}):

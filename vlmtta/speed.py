@@ -142,6 +142,11 @@ def run_speed_benchmark(
     """Time every method (default: all registered) on one backbone; returns the protocol and one row per entry.
     ``on_row`` (if given) sees each row as soon as it is timed or taken from ``output``.
 
+    Each method's ``ratio_to_encode`` divides its latency by an encode-only timing (``encode_ms``: making and
+    encoding its views, same repeats) taken just before it, so a machine whose speed drifts during a long table
+    (a shared CPU: +-15 % between minutes on the 2-core test machine) does not bias the later rows; the first row
+    is that floor timed once at the start.
+
     With ``output``, the result so far is written there (atomically) after every row, marked ``"complete":
     false`` until the last; a re-run with the same protocol keeps the rows already in that file and times only
     the missing entries (a long CPU table survives an interruption).  Kept rows carry ``"resumed": true``:
@@ -152,7 +157,7 @@ def run_speed_benchmark(
     image = synthetic_stream(1, backbone.device)[0]
     protocol = {**backbone.describe(), "n_classes": n_classes, "n_views": n_views, "repeats": repeats,
                 "warmup": warmup, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "image": "random 500x375 RGB"}
+                "image": "random 500x375 RGB", "ratio_to_encode": "paired"}
     done = _finished_rows(output, protocol)
     encode = f"encode {n_views} views"
     rows = [done.get(encode) or _encode_row(backbone, image, n_views, repeats, warmup)]
@@ -166,14 +171,14 @@ def run_speed_benchmark(
             report(rows[-1])
             continue
         adapter = _bench_adapter(name, classes, backbone, n_views, method_options)
+        encode_ms = _encode_row(backbone, image, adapter.view_config.n_views, repeats, warmup)["latency_ms"]
         seconds, memory = _time(lambda i, adapter=adapter: adapter.step(image), backbone.device, repeats, warmup)
-        rows.append({"entry": name, "n_views": adapter.view_config.n_views, "latency_ms": 1000 * seconds, **memory})
+        rows.append({"entry": name, "n_views": adapter.view_config.n_views, "latency_ms": 1000 * seconds, **memory,
+                     "encode_ms": encode_ms, "ratio_to_encode": 1000 * seconds / encode_ms})
         del adapter  # its state must not count in the next method's memory
         report(rows[-1])
         _save_partial(output, protocol, rows, complete=False)
-    base = rows[0]["latency_ms"]
-    for row in rows:
-        row["ratio_to_encode"] = row["latency_ms"] / base
+    rows[0]["ratio_to_encode"] = 1.0
     result = {"protocol": protocol, "rows": rows}
     _save_partial(output, protocol, rows, complete=True)
     return result
@@ -307,10 +312,11 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{p['model']} ({p['pretrained'] or 'random weights'}), {p['device']} {p['precision']}, "
              f"{p['n_classes']} classes, {p['n_views']} views, median of {p['repeats']}, torch {p['torch']}, "
              f"{p['threads']} threads",
-             "", "| entry | views | latency (ms) | step mem (MB) | total mem (MB) | x encode |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "", "| entry | views | latency (ms) | encode just before (ms) | step mem (MB) | total mem (MB) | x encode |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
-        lines.append(f"| {row['entry']} | {row['n_views']} | {row['latency_ms']:.1f} | {row['peak_mem_mb']:.0f} "
+        encode = f"{row['encode_ms']:.1f}" if "encode_ms" in row else "-"
+        lines.append(f"| {row['entry']} | {row['n_views']} | {row['latency_ms']:.1f} | {encode} | {row['peak_mem_mb']:.0f} "
                      f"| {row['total_mem_mb']:.0f} | {row['ratio_to_encode']:.2f} |")
     return "\n".join(lines)
 

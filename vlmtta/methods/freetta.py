@@ -78,7 +78,7 @@ class FreeTTA(Method):
 
     def __init__(self, n_views: int = 1, augmentation: str = "augmix", confident_ratio: float = 0.1,
                  alpha: float = 0.2, beta: float = 4.5, posterior: str = "fused", sigma: float = 1.0,
-                 prior_weight: float = 1.0, min_change: float = 1e-4, max_rank: int = 16):
+                 prior_weight: float = 1.0, min_change: float = 1e-4, max_rank: int = 16, log_prior: bool = True):
         super().__init__(n_views=n_views, augmentation=augmentation)
         if not 0 < confident_ratio <= 1:
             raise ValueError(f"{self.name}: confident_ratio must lie in (0, 1], got {confident_ratio}.")
@@ -92,6 +92,7 @@ class FreeTTA(Method):
         self.confident_ratio, self.alpha, self.beta = float(confident_ratio), float(alpha), float(beta)
         self.posterior, self.sigma = posterior, float(sigma)
         self.prior_weight, self.min_change, self.max_rank = float(prior_weight), float(min_change), int(max_rank)
+        self.log_prior = bool(log_prior)
         self.gaussians: ClassGaussians | None = None
         self.precision: torch.Tensor | None = None  # Sigma^-1 [D, D], float64
         self.projected: torch.Tensor | None = None  # Sigma^-1 mu^T [D, C], float64
@@ -119,9 +120,12 @@ class FreeTTA(Method):
         self.scale = 1.0
 
     def discriminant(self, x: torch.Tensor) -> torch.Tensor:
-        """``g(x)`` [C]: ``x^T Sigma^-1 mu_y - mu_y^T Sigma^-1 mu_y / 2 + log pi_y`` from the carried products."""
+        """``g(x)`` [C]: ``x^T Sigma^-1 mu_y - mu_y^T Sigma^-1 mu_y / 2 + log pi_y`` from the carried products
+        (without ``log pi_y`` when ``log_prior`` is off)."""
         scores = self.scale * (x.double() @ self.projected - 0.5 * self.quadratic)
-        return (scores + self.gaussians.priors.double().log()).float()
+        if self.log_prior:
+            scores = scores + self.gaussians.priors.double().log()
+        return scores.float()
 
     def predict_features(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
