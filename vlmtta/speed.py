@@ -312,12 +312,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{p['model']} ({p['pretrained'] or 'random weights'}), {p['device']} {p['precision']}, "
              f"{p['n_classes']} classes, {p['n_views']} views, median of {p['repeats']}, torch {p['torch']}, "
              f"{p['threads']} threads",
-             "", "| entry | views | latency (ms) | encode just before (ms) | step mem (MB) | total mem (MB) | x encode |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "", "| entry | views | latency (ms) | encode just before (ms) | step mem (MB) | total mem (MB) "
+             "| x encode |", "|---|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         encode = f"{row['encode_ms']:.1f}" if "encode_ms" in row else "-"
-        lines.append(f"| {row['entry']} | {row['n_views']} | {row['latency_ms']:.1f} | {encode} | {row['peak_mem_mb']:.0f} "
-                     f"| {row['total_mem_mb']:.0f} | {row['ratio_to_encode']:.2f} |")
+        lines.append(f"| {row['entry']} | {row['n_views']} | {row['latency_ms']:.1f} | {encode} "
+                     f"| {row['peak_mem_mb']:.0f} | {row['total_mem_mb']:.0f} | {row['ratio_to_encode']:.2f} |")
     return "\n".join(lines)
 
 
