@@ -150,6 +150,7 @@ def test_cli_bench_and_table(tree, tiny_model_dir, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # streams 7000 images twice: past 300 s on a loaded 2-core machine
 @pytest.mark.skipif(not (SHARED_DATA / "clip-vit-b32-imagenet" / "imagenet_stream.pt").is_file(),
                     reason="shared real features absent")
 def test_real_imagenet_stream_zeroshot(tmp_path):
