@@ -218,3 +218,53 @@ def test_cli_checks_every_method_before_running_any(features_file, tmp_path, cap
                  "--no-progress", "-o", "n_views=1.5"])
     assert code == 2 and "Method 'zeroshot'" in capsys.readouterr().err
     assert not list(results.glob("*.json"))  # nothing ran
+
+
+# ---- options of a run of several methods: key for all, method.key for one ------------------------------------------
+def test_scoped_options_reach_their_method_only():
+    from vlmtta.options import check_option_scopes, narrow_options, scoped_options
+
+    given = {"n_views": "16", "rlcf.reward_model": "vlmtta-testbed", "tpt.n_views": "8", "tpt.lr": "0.01"}
+    assert scoped_options("rlcf", given) == {"n_views": "16", "reward_model": "vlmtta-testbed"}
+    assert scoped_options("tpt", given) == {"n_views": "8", "lr": "0.01"}  # its own key wins over the plain one
+    assert scoped_options("zero", given) == {"n_views": "16"}
+    assert narrow_options(given, ["tpt"]) == {"n_views": "16", "tpt.n_views": "8", "tpt.lr": "0.01"}
+    check_option_scopes(given, ["rlcf", "tpt", "zero"])
+    for bad, methods in (({"rlfc.reward_model": "x"}, ["rlcf"]), ({"tpt.": "1"}, ["tpt"])):
+        with pytest.raises(ValueError, match="scoped to"):
+            check_option_scopes(bad, methods)
+
+
+def test_cli_scoped_option_applies_to_one_method_of_a_testbed_run(tmp_path, capsys):
+    common = ["bench", "--suite", "testbed", "--n-per-corruption", "2", "--results", str(tmp_path), "--no-progress"]
+    assert main([*common, "--methods", "zeroshot,ensemble", "-o", "ensemble.n_views=2"]) == 0
+    names = [p.name for p in (tmp_path / "testbed").glob("*.json")]
+    assert sum("__ensemble+n-views-2__" in n for n in names) == 11 and sum("__zeroshot__" in n for n in names) == 11
+    assert main([*common, "--methods", "zeroshot", "-o", "ensembel.n_views=2"]) == 2
+    assert "scoped to 'ensembel'" in capsys.readouterr().err
+
+
+def test_scoped_options_in_a_features_run_and_its_grid(tmp_path):
+    """The sequential runner and the grid's cells give each method only its own options; a stray scope is refused."""
+    from vlmtta.bench import BenchSpec, run_bench
+    from vlmtta.grid import plan
+
+    gen = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(4, 16, generator=gen), dim=-1)
+    feats = torch.nn.functional.normalize(text[torch.arange(20) % 4] + 0.3 * torch.randn(20, 16, generator=gen), dim=-1)
+    path = tmp_path / "f.pt"
+    torch.save({"image_features": feats, "labels": torch.arange(20) % 4, "text_features": text,
+                "classnames": ["a", "b", "c", "d"]}, path)
+    spec = BenchSpec(methods=["zeroshot", "tda"], results_dir=tmp_path / "r", features=path, progress=False,
+                     options={"tda.shot_capacity": "2"})
+    results = {r["method"]: r for r in run_bench(spec)}
+    assert results["tda"]["protocol"]["hyperparameters"]["shot_capacity"] == 2
+    assert "shot_capacity" not in results["zeroshot"]["protocol"]["hyperparameters"]
+    cells = plan([spec]).cells
+    assert [c.spec.options for c in cells] == [{}, {"tda.shot_capacity": "2"}]
+    stray = BenchSpec(methods=["zeroshot"], results_dir=tmp_path / "r2", features=path, progress=False,
+                      options={"tda.shot_capacity": "2"})
+    with pytest.raises(ValueError, match="scoped to 'tda'"):
+        run_bench(stray)
+    with pytest.raises(ValueError, match="scoped to 'tda'"):
+        plan([stray])

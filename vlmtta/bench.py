@@ -47,6 +47,7 @@ from .features import FeatureFile, ViewFeatureCache, encode_missing, load_featur
 from .images import load_image
 from .methods import Need, check_options, get_method_class
 from .metrics import DamagedSamples, Recorder, Samples
+from .options import check_option_scopes, scoped_options
 from .results import read_result, result_name, save_result
 from .speed import memory_record, peak_memory
 from .streams import StreamOrder
@@ -84,7 +85,7 @@ class BenchSpec:
     order: str | None = None  # vlmtta.streams order; default: shuffled for datasets, sorted for features files
     domains: list[str] | None = None  # continual: stream these datasets in turn (instead of ``dataset``)
     reset_between: str = "never"  # continual: reset each method's state at every new domain ("domain") or never
-    options: dict[str, Any] = field(default_factory=dict)  # given to every method, over per-dataset defaults
+    options: dict[str, Any] = field(default_factory=dict)  # over per-dataset defaults; key: all, method.key: one
     augmentation: str = "method"  # view policy: the method's own, "family" (METHODS.md §1.3) or a policy name
     cache_dir: Path | None = None  # default: $VLMTTA_CACHE or ~/.cache/vlmtta
     tag: str = ""  # distinguishes runs of one method with other settings
@@ -147,13 +148,15 @@ def default_cache_dir() -> Path:
 
 
 def method_options(method: str, dataset: str | None, user: dict[str, Any], augmentation: str = "method") -> dict[str, Any]:
-    """The method's per-dataset defaults (``options_for``) under the user's options.
+    """The method's per-dataset defaults (``options_for``) under the user's options (its own: plain keys and
+    ``method.key`` ones, ``vlmtta.options.scoped_options``).
 
     ``augmentation`` picks the view policy of methods that take one and were given none: ``method`` keeps the
     method's own (its constructor or per-dataset default), ``family`` takes the dataset family's TPT convention
     (AugMix on the fine-grained sets, crops + flips on the ImageNet family), any other value is a policy name.
     """
     cls = get_method_class(method)
+    user = scoped_options(method, user)
     options = cls.options_for(dataset, **user)
     if augmentation not in ("method", "family", *VIEW_POLICIES):
         raise ValueError(f"Unknown augmentation {augmentation!r}; accepted: method, family, {', '.join(VIEW_POLICIES)}.")
@@ -319,7 +322,8 @@ def open_stream(spec: BenchSpec) -> tuple[_Source, StreamOrder, list[int]]:
 
 
 def _check_options(spec: BenchSpec, source: _Source) -> None:
-    """Every method's options, type-checked before any stream runs."""
+    """Every method's options, type-checked before any stream runs (a ``method.key`` must name one of them)."""
+    check_option_scopes(spec.options, spec.methods)
     for method in spec.methods:
         check_options(method, **method_options(method, source.option_dataset, spec.options, spec.augmentation))
 

@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Sequence
 
+from .options import check_option_scopes, scoped_options
 from .version import __version__
 
 FORMATS = ("table", "json", "csv")
@@ -183,7 +184,8 @@ def _add_bench_parser(commands) -> None:
                        help="--continual: keep each method's state across domains (never, default) or reset it at "
                             "every new domain")
     bench.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[],
-                       metavar="KEY=VALUE", help="method hyperparameter for every method, repeatable")
+                       metavar="KEY=VALUE", help="method hyperparameter, repeatable: key=value for every method, "
+                       "method.key=value for one (e.g. -o rlcf.reward_model=vlmtta-testbed)")
     bench.add_argument("--augmentation", default="method",
                        help="view policy of view-based methods: method (their own, default), family (AugMix on "
                             "fine-grained sets, crops+flips on ImageNet), rrc_flip or augmix")
@@ -320,7 +322,9 @@ def _bench_testbed(args: argparse.Namespace) -> int:
                          "to run the suite on another backbone.")
     from .methods import method_names
 
-    options = {m: dict(args.options) for m in (methods or method_names())} if args.options else None
+    names = methods or method_names()
+    check_option_scopes(dict(args.options), names)
+    options = {m: scoped_options(m, dict(args.options)) for m in names} if args.options else None
     progress = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
     severity = _one_severity(args.severity)
     result = run_suite(methods, severity, args.n_per_corruption, args.seed, order=order, options=options,
@@ -368,9 +372,11 @@ def _predict(args: argparse.Namespace) -> int:
     from .api import DEFAULT_METHOD, Adapter
     from .images import DEFAULT_MAX_PIXELS, ImageLoadError
 
-    adapter = Adapter(args.classes, args.method or DEFAULT_METHOD, model=args.model, pretrained=args.pretrained,
+    method = args.method or DEFAULT_METHOD
+    check_option_scopes(dict(args.options), [method])
+    adapter = Adapter(args.classes, method, model=args.model, pretrained=args.pretrained,
                       templates=args.templates, device=args.device, seed=args.seed, top_k=args.top_k,
-                      max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, **dict(args.options))
+                      max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, **scoped_options(method, dict(args.options)))
     results, failed = [], 0
     for path in args.images:
         try:

@@ -46,6 +46,7 @@ from .data import read_split
 from .features import load_features_file
 from .methods import Need, check_options, get_method_class
 from .metrics import DamagedSamples, Samples
+from .options import check_option_scopes, narrow_options
 from .results import save_result
 from .writable import ensure_writable_dir
 
@@ -93,23 +94,29 @@ def plan(specs: list[BenchSpec], images_per_task: int | None = None) -> Plan:
         try:
             n, option_dataset = _source_size(spec)
         except DatasetNotFound as error:  # reported as failed cells; the other sources still run
-            missing += [(Cell(replace(spec, methods=[m]), m, 0).label, f"{type(error).__name__}: {error}")
+            missing += [(Cell(_sub_spec(spec, [m]), m, 0).label, f"{type(error).__name__}: {error}")
                         for m in spec.methods]
             continue
+        check_option_scopes(spec.options, spec.methods)
         for method in spec.methods:  # every option checked before any task runs, as run_bench does
             check_options(method, **method_options(method, option_dataset, spec.options, spec.augmentation))
         cached = [m for m in spec.methods if Need.VIEW_FEATURES in get_method_class(m).needs
                   and not hasattr(get_method_class(m), "predict_batch")]
         encode = None
         if spec.features is None and not spec.domains and cached:
-            encodes.append(replace(spec, methods=cached))
+            encodes.append(_sub_spec(spec, cached))
             encode = len(encodes) - 1
         for method in spec.methods:
-            cell = Cell(replace(spec, methods=[method]), method, n, encode=encode)
+            cell = Cell(_sub_spec(spec, [method]), method, n, encode=encode)
             if images_per_task and n > images_per_task and _splittable(spec, method):
                 cell.parts = [(a, min(a + images_per_task, n)) for a in range(0, n, images_per_task)]
             cells.append(cell)
     return Plan(encodes, cells, missing)
+
+
+def _sub_spec(spec: BenchSpec, methods: list[str]) -> BenchSpec:
+    """``spec`` for some of its methods, without the options scoped to the others."""
+    return replace(spec, methods=methods, options=narrow_options(spec.options, methods))
 
 
 def _source_size(spec: BenchSpec) -> tuple[int, str | None]:

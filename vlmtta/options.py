@@ -19,6 +19,9 @@ Accepted forms, by hint:
   for other values, the first type that accepts it;
 * other classes: an instance, or a string the class can be built from (``Path``, enums);
 * no hint, ``Any`` and hints this module does not know: the value as given.
+
+A run of several methods takes one options dict: a plain ``key`` applies to every method, ``method.key`` to that
+method only (and wins over a plain ``key``), e.g. ``-o n_views=16 -o rlcf.reward_model=vlmtta-testbed``.
 """
 from __future__ import annotations
 
@@ -32,6 +35,27 @@ from typing import Any, Callable, Literal, Union
 TRUE_WORDS = frozenset({"true", "yes", "1"})
 FALSE_WORDS = frozenset({"false", "no", "0"})
 NONE_WORDS = frozenset({"none", "null"})
+
+
+def scoped_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options ``method`` gets from a run's ``options``: the plain keys, then its own ``method.key`` ones."""
+    plain = {key: value for key, value in options.items() if "." not in key}
+    own = {key.partition(".")[2]: value for key, value in options.items() if key.partition(".")[0] == method}
+    return plain | own
+
+
+def narrow_options(options: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """``options`` without the ``method.key`` entries of methods not in ``methods`` (a sub-run's options)."""
+    return {key: value for key, value in options.items() if "." not in key or key.partition(".")[0] in methods}
+
+
+def check_option_scopes(options: dict[str, Any], methods: list[str]) -> None:
+    """A ``method.key`` option must name one of the run's ``methods`` (else it would silently apply to none)."""
+    for key in options:
+        scope, dot, name = key.partition(".")
+        if dot and (scope not in methods or not name):
+            raise ValueError(f"Option {key!r} is scoped to {scope!r}, which is not among the methods run "
+                             f"({', '.join(methods)}); write method.key=value with one of them, or key=value for all.")
 
 
 class OptionTypeError(ValueError):
