@@ -44,6 +44,10 @@ def test_predict_csv_and_table(capsys, tiny_model_dir, image_paths):
     assert sum(float(r["probability"]) for r in rows) == pytest.approx(1.0, abs=1e-4)
     code, out, _ = _predict(capsys, tiny_model_dir, image_paths[0], "-o", "n_views=4", "--method", "ensemble")
     assert code == 0 and out.startswith(image_paths[0]) and "ensemble" in out
+    code, out, _ = _predict(capsys, tiny_model_dir, image_paths[0], "-o", "ensemble.n_views=4", "--method", "ensemble")
+    assert code == 0 and "ensemble" in out  # a scope naming the method run is its option
+    code, _, err = _predict(capsys, tiny_model_dir, image_paths[0], "-o", "tpt.n_views=4", "--method", "ensemble")
+    assert code == 2 and "scoped to 'tpt'" in err
 
 
 def test_bad_image_is_skipped_and_reported(capsys, tiny_model_dir, image_paths, tmp_path):
