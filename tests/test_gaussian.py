@@ -168,3 +168,22 @@ def test_linear_discriminant_auto_is_the_inverse_for_a_positive_definite_covaria
     assert fitted._factor is not None
     assert torch.allclose(fitted.scores(x), discriminant(x, m, cov), atol=1e-10)
     assert torch.allclose(LinearDiscriminant(m, cov, inverse="pinv").scores(x), discriminant(x, m, cov), atol=1e-8)
+
+
+def test_class_mean_covariance_carried_over_narrow_updates_equals_the_direct_mean():
+    """Updates touching fewer than half of the classes swap their terms in a carried float64 sum instead of reading
+    every scatter; over a long stream that alternates narrow and wide updates it stays the direct mean."""
+    g = torch.Generator().manual_seed(3)
+    c, d = 40, 6
+    model = ClassGaussians(torch.randn(c, d, generator=g), 1.0, 0.1 * torch.eye(d), "class_mean")
+    carried = wide = 0
+    for step in range(300):
+        x = torch.randn(1, d, generator=g)
+        sharpness = 30.0 if step % 7 else 0.5  # mostly a few classes above min_weight, sometimes most of them
+        w = (sharpness * torch.randn(1, c, generator=g)).softmax(-1)
+        model.update(x, w, 1e-3)
+        carried += model._scaled_sum is not None
+        wide += model._scaled_sum is None
+        direct = (model.class_scatter.double() / model.counts.double()[:, None, None]).mean(dim=0)
+        assert torch.allclose(model.covariance.double(), direct, rtol=1e-5, atol=1e-7), step
+    assert carried > 200 and wide > 10  # both paths taken, and the carry restarted after wide updates

@@ -13,7 +13,11 @@ DOTA's estimate; it needs every ``Sigma_j``: [C, D, D] memory, 1 GiB at 1000 cla
 (``sum_j c_j Sigma_j / sum_j c_j``, the count-weighted mean: linear discriminant analysis's pooled estimate, [D, D]
 memory).  ``class_mean`` keeps the per-class scatters ``S_j = c_j Sigma_j`` (so an update adds ``Delta_j`` in place,
 a batched rank-N update, instead of rescaling every ``Sigma_j``) and forms the mean as one weighted reduction
-``sum_j S_j / c_j / C``: equal to the recurrence above, two passes over the [C, D, D] buffer per update.
+``sum_j S_j / c_j / C``: equal to the recurrence above, two passes over the [C, D, D] buffer per update.  An
+update that touches fewer than half of the classes (``min_weight`` above the far tail of the soft labels) instead
+carries ``sum_j S_j / c_j`` in float64 and swaps the updated classes' terms: reads only those ``k`` scatters
+(``2 k D^2`` instead of ``C D^2``); the subtracted term is recomputed from the same stored ``S_j``, ``c_j``, so
+nothing drifts beyond float64 rounding.
 
 Scoring is the linear discriminant ``x^T S^-1 mu_j - mu_j^T S^-1 mu_j / 2`` for a shared covariance ``S`` (e.g.
 ``shrunk_covariance`` or ``bayes_ridge_covariance``): the class log-likelihood up to a term that is the same for every
@@ -55,6 +59,7 @@ class ClassGaussians:
         else:  # every S_j = c_j Sigma_j
             self.class_scatter = (covariance * count).expand(means.shape[0], -1, -1).clone()
         self._covariance: torch.Tensor | None = None
+        self._scaled_sum: torch.Tensor | None = None  # class_mean: sum_j S_j / c_j in float64, while carried
 
     @property
     def covariance(self) -> torch.Tensor:
@@ -62,6 +67,8 @@ class ClassGaussians:
         if self._covariance is None:
             if self.mode == "pooled":
                 self._covariance = self.scatter / self.counts.sum()
+            elif self._scaled_sum is not None:
+                self._covariance = (self._scaled_sum / self.counts.shape[0]).to(self.class_scatter.dtype)
             else:
                 n_classes, dim = self.class_scatter.shape[:2]
                 flat = self.class_scatter.view(n_classes, dim * dim)
@@ -96,17 +103,44 @@ class ClassGaussians:
                 w = w[:, active]
         means, counts = self.means[active], self.counts[active]
         mass = w.sum(dim=0)
+        carried = False
         if self.mode == "pooled" and x.shape[0] == 1:  # one feature: the rank-k scatter, added in place
             factors = w.t().sqrt() * (x - means)  # [k, D]
             self.scatter.addmm_(factors.t(), factors)
         elif self.mode == "pooled":
             self.scatter += scatter_about(x, w, means)
         else:
+            carried = self._carry_scaled_sum(active)
+            if carried:
+                self._scaled_sum -= self._scaled_terms(active)
             self._add_class_scatter(x, w, means, active)
         self.means[active] = (counts[:, None] * means + w.t() @ x) / (counts + mass)[:, None]
         self.counts[active] = counts + mass
+        if carried:
+            self._scaled_sum += self._scaled_terms(active)
         self._covariance = None
         return torch.arange(w.shape[1], device=w.device) if isinstance(active, slice) else active
+
+    def _carry_scaled_sum(self, active: torch.Tensor | slice) -> bool:
+        """Whether this update swaps terms of the carried ``sum_j S_j / c_j`` (fewer than half the classes
+        updated); starts carrying it (one full pass) when needed, drops it before a wider update."""
+        n_classes = self.counts.shape[0]
+        if isinstance(active, slice) or 2 * active.numel() >= n_classes:
+            self._scaled_sum = None
+            return False
+        if self._scaled_sum is None:
+            self._scaled_sum = self._scaled_terms(slice(None))
+        return True
+
+    def _scaled_terms(self, classes: torch.Tensor | slice) -> torch.Tensor:
+        """``sum_{j in classes} S_j / c_j`` [D, D] in float64 (32 classes at a time: no [k, D, D] float64 copy)."""
+        index = torch.arange(self.counts.shape[0], device=self.counts.device) if isinstance(classes, slice) else classes
+        dim = self.class_scatter.shape[-1]
+        total = torch.zeros(dim, dim, dtype=torch.float64, device=self.class_scatter.device)
+        for part in index.split(32):
+            scaled = self.class_scatter[part].double() / self.counts[part].double()[:, None, None]
+            total += scaled.sum(dim=0)
+        return total
 
     def _add_class_scatter(self, x: torch.Tensor, w: torch.Tensor, means: torch.Tensor,
                            active: torch.Tensor | slice) -> None:
