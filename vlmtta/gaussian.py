@@ -133,25 +133,31 @@ class ClassGaussians:
         return True
 
     def _scaled_terms(self, classes: torch.Tensor | slice) -> torch.Tensor:
-        """``sum_{j in classes} S_j / c_j`` [D, D] in float64 (32 classes at a time: no [k, D, D] float64 copy)."""
+        """``sum_{j in classes} S_j / c_j`` [D, D] in float64 (32 classes at a time: no [k, D, D] copy)."""
         index = torch.arange(self.counts.shape[0], device=self.counts.device) if isinstance(classes, slice) else classes
         dim = self.class_scatter.shape[-1]
         total = torch.zeros(dim, dim, dtype=torch.float64, device=self.class_scatter.device)
-        for part in index.split(32):
-            scaled = self.class_scatter[part].double() / self.counts[part].double()[:, None, None]
-            total += scaled.sum(dim=0)
+        for part in index.split(32):  # each class's S_j / c_j in the stored precision, summed in float64
+            total += (self.class_scatter[part] / self.counts[part][:, None, None]).sum(dim=0, dtype=torch.float64)
         return total
 
     def _add_class_scatter(self, x: torch.Tensor, w: torch.Tensor, means: torch.Tensor,
                            active: torch.Tensor | slice) -> None:
         """``S_j += sum_i w_ij (x_i - mu_j)(x_i - mu_j)^T`` for the active classes: one batched rank-N update
-        (in place when every class is active), no [C, D, D] temporary."""
+        (in place over every class, inactive ones at weight 0 — adding exact zeros — when at least half are active),
+        no [C, D, D] temporary."""
+        n_classes = self.counts.shape[0]
+        if not isinstance(active, slice) and 2 * active.numel() >= n_classes:  # in place, zero weight elsewhere:
+            full = w.new_zeros(w.shape[0], n_classes).index_copy_(1, active, w)  # no [k, D, D] temporary
+            self._add_class_scatter(x, full, self.means, slice(None))
+            return
         centred = (x[:, None, :] - means[None]).transpose(0, 1)  # [k, N, D]
         weighted = (centred * w.t()[:, :, None]).transpose(1, 2)  # [k, D, N]
         if isinstance(active, slice):
             self.class_scatter.baddbmm_(weighted, centred)
-        else:
-            self.class_scatter.index_add_(0, active, torch.bmm(weighted, centred))
+        else:  # fewer than half: each class's block in place
+            for k, j in enumerate(active.tolist()):
+                self.class_scatter[j].addmm_(weighted[k], centred[k])
 
 
 def scatter_about(features: torch.Tensor, weights: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
