@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from vlmtta import gaussian
 from vlmtta.gaussian import (ClassGaussians, LinearDiscriminant, bayes_ridge_covariance, discriminant, scatter_about,
                              shrunk_covariance)
 
@@ -170,9 +171,10 @@ def test_linear_discriminant_auto_is_the_inverse_for_a_positive_definite_covaria
     assert torch.allclose(LinearDiscriminant(m, cov, inverse="pinv").scores(x), discriminant(x, m, cov), atol=1e-8)
 
 
-def test_class_mean_covariance_carried_over_narrow_updates_equals_the_direct_mean():
-    """Updates touching fewer than half of the classes swap their terms in a carried float64 sum instead of reading
+def test_class_mean_covariance_carried_over_narrow_updates_equals_the_direct_mean(monkeypatch):
+    """Updates touching few classes (here: under half) swap their terms in a carried float64 sum instead of reading
     every scatter; over a long stream that alternates narrow and wide updates it stays the direct mean."""
+    monkeypatch.setattr(gaussian, "CARRY_BELOW", 2)  # 1000 classes in use; 40 here
     g = torch.Generator().manual_seed(3)
     c, d = 40, 6
     model = ClassGaussians(torch.randn(c, d, generator=g), 1.0, 0.1 * torch.eye(d), "class_mean")
