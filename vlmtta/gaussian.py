@@ -16,8 +16,9 @@ a batched rank-N update, instead of rescaling every ``Sigma_j``) and forms the m
 ``sum_j S_j / c_j / C``: equal to the recurrence above, two passes over the [C, D, D] buffer per update.  An
 update that touches only a few classes (``min_weight`` above the far tail of the soft labels) instead
 carries ``sum_j S_j / c_j`` in float64 and swaps the updated classes' terms: reads only those ``k`` scatters
-instead of all ``C`` (worth it below ``C / CARRY_BELOW`` classes, measured); the subtracted term is recomputed from
-the same stored ``S_j``, ``c_j``, so nothing drifts beyond float64 rounding.  An update of many classes runs in
+instead of all ``C`` (worth it below ``C / CARRY_BELOW`` classes, measured).  The carried sum starts from the full
+path's float32 reduction and each swap subtracts a term recomputed from the same stored ``S_j``, ``c_j``: it stays
+within float32 rounding of the direct mean, and restarts from the reduction after every wide update.  An update of many classes runs in
 place over all of them (zero weight for the others: exact zeros added), never through a [k, D, D] temporary.
 
 Scoring is the linear discriminant ``x^T S^-1 mu_j - mu_j^T S^-1 mu_j / 2`` for a shared covariance ``S`` (e.g.
@@ -34,7 +35,8 @@ import torch
 COVARIANCE_MODES = ("pooled", "class_mean")
 # class_mean: carry sum_j S_j / c_j through updates of fewer than C / CARRY_BELOW classes.  Measured on the
 # ImageNet stream (C 1000, D 512, one CPU thread, DOTA): 8 classes per update 34 ms per image vs 110 ms for the
-# in-place pass over all classes; at 41 and 168 classes carrying was slower (176 and 703 ms).
+# in-place pass over all classes; at 41 and 168 classes carrying was slower (176 and 703 ms, measured with a
+# float64 restart that cost more than the float32 one used now).
 CARRY_BELOW = 32
 
 
@@ -133,16 +135,16 @@ class ClassGaussians:
         if isinstance(active, slice) or CARRY_BELOW * active.numel() >= n_classes:
             self._scaled_sum = None
             return False
-        if self._scaled_sum is None:
-            self._scaled_sum = self._scaled_terms(slice(None))
+        if self._scaled_sum is None:  # the full path's float32 reduction: starting costs no more than not carrying
+            flat = self.class_scatter.view(n_classes, -1)
+            self._scaled_sum = ((1.0 / self.counts) @ flat).view_as(self.class_scatter[0]).double()
         return True
 
-    def _scaled_terms(self, classes: torch.Tensor | slice) -> torch.Tensor:
+    def _scaled_terms(self, classes: torch.Tensor) -> torch.Tensor:
         """``sum_{j in classes} S_j / c_j`` [D, D] in float64 (32 classes at a time: no [k, D, D] copy)."""
-        index = torch.arange(self.counts.shape[0], device=self.counts.device) if isinstance(classes, slice) else classes
         dim = self.class_scatter.shape[-1]
         total = torch.zeros(dim, dim, dtype=torch.float64, device=self.class_scatter.device)
-        for part in index.split(32):  # each class's S_j / c_j in the stored precision, summed in float64
+        for part in classes.split(32):  # each class's S_j / c_j in the stored precision, summed in float64
             total += (self.class_scatter[part] / self.counts[part][:, None, None]).sum(dim=0, dtype=torch.float64)
         return total
 

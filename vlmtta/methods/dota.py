@@ -41,7 +41,7 @@ class DOTA(Method):
     Shared covariance: ``covariance="class_mean"`` (default) is the unweighted mean of the per-class covariances
     ``Sigma = sum_j Sigma_j / C``, the estimate of the paper and of the official code (which averages its
     per-class ``Sigma`` tensor); it needs [C, D, D] memory (1 GiB at 1000 classes, D = 512) and reads and writes it
-    once per image, in place (memory-bound on a CPU: 110 ms per image at 1000 classes, one idle thread, on the
+    once per image, in place (memory-bound on a CPU: 110-118 ms per image at 1000 classes, one idle thread, on the
     ImageNet ViT-B/32 stream's first 300 images; 543 ms before the update ran in place).  ``"pooled"`` weighs each
     class's covariance by its soft count (``sum_j c_j Sigma_j / sum_j c_j``, linear discriminant analysis's pooled
     estimate): [D, D] memory and O(C D^2) flops per image, a cheaper approximation that is not the paper's.
@@ -61,7 +61,7 @@ class DOTA(Method):
     ``min_weight`` (1e-9: far below float32 resolution of the counts and means they would change; 0 = update every
     class).  A larger ``min_weight`` is vlmtta's speed option, an approximation: at 1e-2 about 8 classes per image
     are updated (85 % of the soft-label mass on average) and the class-mean covariance is carried instead of
-    re-read (``vlmtta.gaussian.CARRY_BELOW``): 34 ms per image, the same 300 predictions as the default there.
+    re-read (``vlmtta.gaussian.CARRY_BELOW``): 30-34 ms per image, the same 300 predictions as the default there.
 
     Cost: per image one Cholesky factorisation (D^3 / 3), a triangular solve with C right-hand sides for the
     quadratic terms ``mu_j^T P mu_j`` (C D^2, the larger term at 1000 classes) and the covariance update.  No
