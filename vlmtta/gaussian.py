@@ -18,8 +18,9 @@ update that touches only a few classes (``min_weight`` above the far tail of the
 carries ``sum_j S_j / c_j`` in float64 and swaps the updated classes' terms: reads only those ``k`` scatters
 instead of all ``C`` (worth it below ``C / CARRY_BELOW`` classes, measured).  The carried sum starts from the full
 path's float32 reduction and each swap subtracts a term recomputed from the same stored ``S_j``, ``c_j``: it stays
-within float32 rounding of the direct mean, and restarts from the reduction after every wide update.  An update of many classes runs in
-place over all of them (zero weight for the others: exact zeros added), never through a [k, D, D] temporary.
+within float32 rounding of the direct mean, and restarts from the reduction after every wide update.  An update
+of many classes runs in place over all of them (zero weight for the others: exact zeros added), never through a
+[k, D, D] temporary.
 
 Scoring is the linear discriminant ``x^T S^-1 mu_j - mu_j^T S^-1 mu_j / 2`` for a shared covariance ``S`` (e.g.
 ``shrunk_covariance`` or ``bayes_ridge_covariance``): the class log-likelihood up to a term that is the same for every
