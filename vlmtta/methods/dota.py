@@ -61,7 +61,9 @@ class DOTA(Method):
     ``min_weight`` (1e-9: far below float32 resolution of the counts and means they would change; 0 = update every
     class).  A larger ``min_weight`` is vlmtta's speed option, an approximation: at 1e-2 about 8 classes per image
     are updated (85 % of the soft-label mass on average) and the class-mean covariance is carried instead of
-    re-read (``vlmtta.gaussian.CARRY_BELOW``): 30-34 ms per image, the same 300 predictions as the default there.
+    re-read (``vlmtta.gaussian.CARRY_BELOW``): 30-34 ms per image, the same 300 predictions as the default there;
+    over the whole 6997-image stream 59.93 % top-1 at 36 ms per image against the default's 59.91 % at 137 ms
+    (zero-shot 59.54; one thread).
 
     Cost: per image one Cholesky factorisation (D^3 / 3), a triangular solve with C right-hand sides for the
     quadratic terms ``mu_j^T P mu_j`` (C D^2, the larger term at 1000 classes) and the covariance update.  No
