@@ -244,17 +244,12 @@ def test_cli_scoped_option_applies_to_one_method_of_a_testbed_run(tmp_path, caps
     assert "scoped to 'ensembel'" in capsys.readouterr().err
 
 
-def test_scoped_options_in_a_features_run_and_its_grid(tmp_path):
+def test_scoped_options_in_a_features_run_and_its_grid(tmp_path, features_file):
     """The sequential runner and the grid's cells give each method only its own options; a stray scope is refused."""
     from vlmtta.bench import BenchSpec, run_bench
     from vlmtta.grid import plan
 
-    gen = torch.Generator().manual_seed(0)
-    text = torch.nn.functional.normalize(torch.randn(4, 16, generator=gen), dim=-1)
-    feats = torch.nn.functional.normalize(text[torch.arange(20) % 4] + 0.3 * torch.randn(20, 16, generator=gen), dim=-1)
-    path = tmp_path / "f.pt"
-    torch.save({"image_features": feats, "labels": torch.arange(20) % 4, "text_features": text,
-                "classnames": ["a", "b", "c", "d"]}, path)
+    path = features_file
     spec = BenchSpec(methods=["zeroshot", "tda"], results_dir=tmp_path / "r", features=path, progress=False,
                      options={"tda.shot_capacity": "2"})
     results = {r["method"]: r for r in run_bench(spec)}

@@ -132,14 +132,17 @@ class ClassGaussians:
     def _carry_scaled_sum(self, active: torch.Tensor | slice) -> bool:
         """Whether this update swaps terms of the carried ``sum_j S_j / c_j`` (fewer than ``C / CARRY_BELOW``
         classes updated); starts carrying it (one full pass) when needed, drops it before a wider update."""
-        n_classes = self.counts.shape[0]
-        if isinstance(active, slice) or CARRY_BELOW * active.numel() >= n_classes:
+        if not self._narrow(active):
             self._scaled_sum = None
             return False
         if self._scaled_sum is None:  # the full path's float32 reduction: starting costs no more than not carrying
-            flat = self.class_scatter.view(n_classes, -1)
+            flat = self.class_scatter.view(self.counts.shape[0], -1)
             self._scaled_sum = ((1.0 / self.counts) @ flat).view_as(self.class_scatter[0]).double()
         return True
+
+    def _narrow(self, active: torch.Tensor | slice) -> bool:
+        """An update of so few classes (under ``C / CARRY_BELOW``) that touching only theirs pays."""
+        return not isinstance(active, slice) and CARRY_BELOW * active.numel() < self.counts.shape[0]
 
     def _scaled_terms(self, classes: torch.Tensor) -> torch.Tensor:
         """``sum_{j in classes} S_j / c_j`` [D, D] in float64 (32 classes at a time: no [k, D, D] copy)."""
@@ -154,9 +157,8 @@ class ClassGaussians:
         """``S_j += sum_i w_ij (x_i - mu_j)(x_i - mu_j)^T`` for the active classes: one batched rank-N update
         (in place over every class, inactive ones at weight 0 — adding exact zeros — unless only a few are active),
         no [C, D, D] temporary."""
-        n_classes = self.counts.shape[0]
-        if not isinstance(active, slice) and CARRY_BELOW * active.numel() >= n_classes:  # in place, 0 elsewhere:
-            full = w.new_zeros(w.shape[0], n_classes).index_copy_(1, active, w)  # no [k, D, D] temporary
+        if not isinstance(active, slice) and not self._narrow(active):  # in place, 0 elsewhere:
+            full = w.new_zeros(w.shape[0], self.counts.shape[0]).index_copy_(1, active, w)  # no [k, D, D] temporary
             self._add_class_scatter(x, full, self.means, slice(None))
             return
         centred = (x[:, None, :] - means[None]).transpose(0, 1)  # [k, N, D]

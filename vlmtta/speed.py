@@ -160,12 +160,11 @@ def run_speed_benchmark(
                 "image": "random 500x375 RGB", "ratio_to_encode": "paired"}
     done = _finished_rows(output, protocol)
     encode = f"encode {n_views} views"
-    rows = [done.get(encode) or _encode_row(backbone, image, n_views, repeats, warmup)]
+    rows = [{**(done.get(encode) or _encode_row(backbone, image, n_views, repeats, warmup)), "ratio_to_encode": 1.0}]
     report = on_row or (lambda row: None)
     report(rows[0])
     _save_partial(output, protocol, rows, complete=False)
-    names = list(methods or method_names())
-    for name in names:
+    for name in methods or method_names():
         if name in done:
             rows.append(done[name])
             report(rows[-1])
@@ -178,10 +177,8 @@ def run_speed_benchmark(
         del adapter  # its state must not count in the next method's memory
         report(rows[-1])
         _save_partial(output, protocol, rows, complete=False)
-    rows[0]["ratio_to_encode"] = 1.0
-    result = {"protocol": protocol, "rows": rows}
     _save_partial(output, protocol, rows, complete=True)
-    return result
+    return {"protocol": protocol, "rows": rows}
 
 
 def _finished_rows(output: str | Path | None, protocol: dict[str, Any]) -> dict[str, dict[str, Any]]:
